@@ -1,0 +1,7 @@
+"""Waybill's web application: ``create_app`` wires the pieces together, nothing more."""
+
+from __future__ import annotations
+
+from app.factory import Waybill, create_app
+
+__all__ = ["Waybill", "create_app"]

@@ -1,0 +1,15 @@
+"""HTTP layer: parse with marshmallow, call a service, dump; one error envelope."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+
+def register_api(app: Flask) -> None:
+    from app.api import errors, health, organization, requests, tasks
+
+    requests.init_app(app)
+    errors.init_app(app)
+    app.register_blueprint(tasks.bp)
+    app.register_blueprint(organization.bp)
+    app.register_blueprint(health.bp)

@@ -1,0 +1,58 @@
+"""``/v1/organization``, ``/v1/task-types`` and the webhook signing secret."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from app.api.requests import organization_id, session, waybill
+from app.services import organizations
+
+bp = Blueprint("organization", __name__, url_prefix="/v1")
+
+
+@bp.get("/organization")
+def get_organization() -> Response:
+    org_id = organization_id()
+    with session() as s:
+        org = organizations.get_organization(s, org_id)
+        return jsonify(
+            {
+                "id": org.id,
+                "name": org.name,
+                "credits": org.credits,
+                "queueLimit": org.queue_limit,
+                "queued": org.queued,
+                "running": org.running,
+                "concurrencyLimit": org.concurrency_limit,
+            }
+        )
+
+
+@bp.get("/task-types")
+def list_task_types() -> Response:
+    organization_id()
+    return jsonify(
+        [
+            {
+                "type": t.name,
+                "cost": t.cost,
+                "description": t.description,
+                "inputSchema": t.json_schema(),
+            }
+            for t in waybill().registry
+        ]
+    )
+
+
+@bp.get("/webhook-secret")
+def get_webhook_secret() -> Response:
+    org_id = organization_id()
+    with session() as s:
+        return jsonify({"secret": organizations.get_organization(s, org_id).webhook_secret})
+
+
+@bp.post("/webhook-secret/rotate")
+def rotate_webhook_secret() -> Response:
+    org_id = organization_id()
+    with session() as s:
+        return jsonify({"secret": organizations.rotate_webhook_secret(s, org_id)})

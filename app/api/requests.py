@@ -1,0 +1,103 @@
+"""Per-request plumbing: request ids, the JSON body, authentication, the session."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask, current_app, g, request
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+
+from app.factory import Waybill
+from app.logs import request_id_var
+from app.services import organizations
+from app.services.errors import ServiceError, ValidationFailed
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    type_slug = "unauthorized"
+    title = "Missing or invalid API key"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers["WWW-Authenticate"] = 'Bearer realm="waybill"'
+
+
+def waybill() -> Waybill:
+    wb: Waybill = current_app.extensions["waybill"]
+    return wb
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    with waybill().db.session() as s:
+        yield s
+
+
+def init_app(app: Flask) -> None:
+    @app.before_request
+    def _request_id() -> None:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if _REQUEST_ID.match(given) else "req_" + secrets.token_hex(8)
+        request_id_var.set(g.request_id)
+
+    @app.after_request
+    def _echo_request_id(response: Any) -> Any:
+        if "request_id" in g:
+            response.headers["X-Request-Id"] = g.request_id
+        return response
+
+
+def organization_id() -> str:
+    """The authenticated organization's id, or 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Send your API key as `Authorization: Bearer <key>`.")
+    with session() as s:
+        org = organizations.authenticate(s, token.strip())
+        if org is None:
+            raise Unauthorized("The API key is unknown or revoked.")
+        return org.id
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object; 415 unless it is JSON, 400 unless it parses to an object."""
+    mimetype = request.mimetype or ""
+    if mimetype != "application/json" and not (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    ):
+        raise UnsupportedMediaType("Send the task as JSON with `Content-Type: application/json`.")
+    raw = request.get_data(cache=False)  # reads at most MAX_CONTENT_LENGTH bytes, else 413
+    try:
+        text = raw.decode("utf-8")
+        body = json.loads(text, parse_constant=_reject_constant)
+        # PostgreSQL's JSONB cannot hold NUL or lone surrogates: refuse them
+        # here, for every database alike, rather than fail at the INSERT.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if "\\u0000" in text or "\x00" in text:
+            raise ValueError("NUL characters are not accepted")
+    except UnicodeError:
+        raise ValidationFailed({"body": ["Not valid UTF-8."]}, "The body is not valid UTF-8.") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValidationFailed(
+            {"body": [f"Not valid JSON: {exc}"[:200]]}, "The body is not valid JSON."
+        ) from None
+    if not isinstance(body, dict):
+        raise ValidationFailed({"body": ["Must be a JSON object."]})
+    return body
+
+
+__all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "session", "waybill"]

@@ -1,0 +1,156 @@
+"""``/v1/tasks``: submit, poll, list, cancel, and the webhook delivery log."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+from marshmallow import ValidationError
+
+from app.api.requests import json_body, organization_id, session, waybill
+from app.api.schemas import ListTasksQuery, SubmitTaskSchema
+from app.services import deliveries, tasks
+from app.services.dispatch import dispatch_delivery, dispatch_task
+from app.services.errors import ValidationFailed, messages_to_errors
+from app.services.representation import represent
+
+bp = Blueprint("tasks", __name__, url_prefix="/v1/tasks")
+log = logging.getLogger("waybill.api")
+
+
+def _task_response(body: dict[str, Any], status: int, **headers: str) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    for name, value in headers.items():
+        response.headers[name] = value
+    return response
+
+
+@bp.post("")
+def submit_task() -> Response:
+    org_id = organization_id()
+    body = json_body()
+    try:
+        data = SubmitTaskSchema().load(body)
+    except ValidationError as exc:
+        raise ValidationFailed(messages_to_errors(exc.messages)) from None
+    header_key = request.headers.get("Idempotency-Key")
+    key = data["idempotencyKey"]
+    if header_key is not None:
+        if key is not None and key != header_key:
+            raise ValidationFailed(
+                {"idempotencyKey": ["Differs from the Idempotency-Key header."]},
+                "The Idempotency-Key header and the idempotencyKey field differ.",
+            )
+        try:
+            SubmitTaskSchema(only=("idempotencyKey",)).load({"idempotencyKey": header_key})
+        except ValidationError as exc:
+            raise ValidationFailed(
+                {"Idempotency-Key": messages_to_errors(exc.messages)["idempotencyKey"]}
+            ) from None
+        key = header_key
+    wb = waybill()
+    webhook_url = data["webhook"]["url"] if data["webhook"] else None
+    if webhook_url is not None:
+        from app.services import outbound
+
+        try:
+            outbound.check_url(webhook_url, allow_private=wb.settings.webhook_allow_private)
+        except outbound.UnsafeTarget as exc:
+            raise ValidationFailed(
+                {"webhook.url": [str(exc)]}, f"The webhook URL is refused: {exc}."
+            ) from None
+    req = tasks.SubmitRequest(
+        type=data["type"],
+        input=data["input"],
+        webhook_url=webhook_url,
+        idempotency_key=key,
+        metadata=data["metadata"],
+    )
+    with session() as s:
+        submitted = tasks.submit(s, org_id, req, registry=wb.registry, request_id=g.request_id)
+        representation = represent(submitted.task)
+    location = f"/v1/tasks/{submitted.task.id}"
+    if not submitted.created:
+        log.info(
+            "idempotent replay",
+            extra={"event": "task.replayed", "task_id": submitted.task.id, "organization_id": org_id},
+        )
+        return _task_response(representation, 200, **{"Idempotent-Replayed": "true", "Location": location})
+    dispatch_task(wb.db, wb.publisher, submitted.task.id)
+    log.info(
+        "task accepted",
+        extra={
+            "event": "task.accepted",
+            "task_id": submitted.task.id,
+            "organization_id": org_id,
+            "type": req.type,
+        },
+    )
+    return _task_response(representation, 202, Location=location)
+
+
+@bp.get("/<task_id>")
+def get_task(task_id: str) -> Response:
+    org_id = organization_id()
+    with session() as s:
+        return jsonify(represent(tasks.get_task(s, org_id, task_id)))
+
+
+@bp.get("")
+def list_tasks() -> Response:
+    org_id = organization_id()
+    try:
+        query = ListTasksQuery().load(request.args.to_dict())
+    except ValidationError as exc:
+        raise ValidationFailed(messages_to_errors(exc.messages)) from None
+    with session() as s:
+        rows, next_cursor = tasks.list_tasks(
+            s,
+            org_id,
+            status=query.get("status"),
+            type=query.get("type"),
+            idempotency_key=query.get("idempotencyKey"),
+            limit=query["limit"],
+            cursor=query.get("cursor"),
+        )
+        return jsonify({"data": [represent(t) for t in rows], "nextCursor": next_cursor})
+
+
+@bp.post("/<task_id>/cancel")
+def cancel_task(task_id: str) -> Response:
+    org_id = organization_id()
+    wb = waybill()
+    with session() as s:
+        task, delivery_id, was_running = tasks.cancel(s, org_id, task_id)
+        representation = represent(task)
+    if was_running:
+        wb.publisher.revoke(task_id)
+    dispatch_delivery(wb.publisher, delivery_id)
+    log.info("task canceled", extra={"event": "task.canceled", "task_id": task_id, "organization_id": org_id})
+    return jsonify(representation)
+
+
+@bp.get("/<task_id>/deliveries")
+def list_deliveries(task_id: str) -> Response:
+    org_id = organization_id()
+    with session() as s:
+        tasks.get_task(s, org_id, task_id)
+        return jsonify({"data": deliveries.list_for_task(s, task_id)})
+
+
+@bp.post("/<task_id>/deliveries")
+def redeliver(task_id: str) -> Response:
+    org_id = organization_id()
+    wb = waybill()
+    with session() as s:
+        task = tasks.get_task(s, org_id, task_id)
+        ids = deliveries.redeliver(s, task)
+    for delivery_id in ids:
+        dispatch_delivery(wb.publisher, delivery_id)
+    with session() as s:
+        body = {"data": deliveries.list_for_task(s, task_id)}
+    response = jsonify(body)
+    response.status_code = 202
+    return response

@@ -1,0 +1,83 @@
+"""The Celery app, bound to the Flask app once (the pattern of Flask's Celery example)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from flask import Flask
+
+from config import Settings
+
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    try:
+        broker = settings.resolved_redis_url()
+    except RuntimeError:
+        # No Redis configured (a unit test, or a CLI call outside a run): the
+        # app is still built; any publish fails and is left to the sweep.
+        broker = "redis://127.0.0.1:1/0"
+    sweep = settings.sweep_interval_seconds
+    return {
+        "broker_url": broker,
+        "broker_connection_retry_on_startup": True,
+        # At-least-once on Redis: acknowledge after the task ran, give the
+        # message back if the worker process dies, take one message at a time.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Longer than the longest webhook countdown (16 min) so scheduled
+        # retries are not redelivered while a worker still holds them.
+        "broker_transport_options": {"visibility_timeout": 3 * 3600, "socket_connect_timeout": 2},
+        # SQL is the source of truth for results; Celery stores none.
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Fail a publish fast when Redis is down: the request still answers
+        # 202 and the sweep publishes the task once Redis is back.
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "task_default_queue": "tasks",
+        "task_routes": {
+            "waybill.tasks.*": {"queue": "tasks"},
+            "waybill.webhooks.*": {"queue": "webhooks"},
+            "waybill.maintenance.*": {"queue": MAINTENANCE_QUEUE},
+        },
+        # Flower shows tasks from these events.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "sweep": {
+                "task": "waybill.maintenance.sweep",
+                "schedule": sweep,
+                "options": {"expires": max(sweep * 2, 2.0)},
+            },
+            "reconcile-counters": {
+                "task": "waybill.maintenance.reconcile",
+                "schedule": 60.0,
+                "options": {"expires": 120.0},
+            },
+        },
+        "include": ["workers.tasks"],
+    }
+
+
+def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
+    class FlaskTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    config = celery_config(settings)
+    include = config.pop("include")
+    celery = Celery("waybill", task_cls=FlaskTask, include=include)
+    celery.conf.update(config)
+    celery.set_default()
+    flask_app.extensions["celery"] = celery
+    return celery

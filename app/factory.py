@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask
+
+from app.db import Database
+from app.services.dispatch import Publisher
+from app.services.task_types import Registry
+from config import Settings
+
+
+@dataclass
+class Waybill:
+    """What every request and every task needs, built once per process."""
+
+    settings: Settings
+    db: Database
+    registry: Registry
+    publisher: Publisher
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    db: Database | None = None,
+    registry: Registry | None = None,
+    publisher: Publisher | None = None,
+) -> Flask:
+    """The Flask app with its Celery app bound to it (``app.extensions["celery"]``).
+
+    Tests pass their own database, registry or publisher; production builds
+    them all from ``settings`` (by default, the environment).
+    """
+    from app.api import register_api
+    from app.broker import CeleryPublisher
+    from app.celery_app import celery_init_app
+    from app.logs import configure_logging
+
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    flask_app = Flask("waybill")
+    flask_app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    flask_app.json.sort_keys = False  # type: ignore[attr-defined]  # keep field order of the spec
+    celery = celery_init_app(flask_app, settings)
+    flask_app.extensions["waybill"] = Waybill(
+        settings=settings,
+        db=db or Database(settings.resolved_database_url()),
+        registry=registry or Registry.from_entry_points(),
+        publisher=publisher or CeleryPublisher(celery),
+    )
+    register_api(flask_app)
+    return flask_app

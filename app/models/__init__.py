@@ -1,0 +1,23 @@
+"""SQLAlchemy 2.x models: SQL is the source of truth for every task."""
+
+from app.models.base import Base
+from app.models.entities import (
+    ApiKey,
+    CreditEntry,
+    Organization,
+    Task,
+    TaskStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+)
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "CreditEntry",
+    "Organization",
+    "Task",
+    "TaskStatus",
+    "WebhookAttempt",
+    "WebhookDelivery",
+]

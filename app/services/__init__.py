@@ -1,0 +1,1 @@
+"""Domain services: they take a session and collaborators, never Flask or Celery."""

@@ -1,0 +1,289 @@
+"""Webhook deliveries: one per event, one attempt row per try.
+
+An attempt is claimed in one transaction, sent with no transaction open, and
+recorded in a second one; the claim (``claimed_until``) and the conditional
+status checks make sure one attempt is sent once and a delivery is marked
+``delivered`` once, however many copies of its message arrive.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import ids
+from app.models import Organization, Task, WebhookAttempt, WebhookDelivery
+from app.models.base import utcnow
+from app.services.errors import NothingToDeliver
+from app.services.representation import iso, represent
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"
+RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
+
+
+def create_for_event(session: Session, task: Task, event_type: str, *, now: datetime) -> str:
+    """Record the event's delivery (``pending``, due now); returns its webhook id."""
+    assert task.webhook_url
+    task.webhook_status = PENDING
+    task.webhook_attempts = 0
+    payload = {"type": event_type, "timestamp": iso(now), "data": represent(task)}
+    delivery = WebhookDelivery(
+        id=ids.webhook_id(),
+        task_id=task.id,
+        organization_id=task.organization_id,
+        event_type=event_type,
+        url=task.webhook_url,
+        payload=payload,
+        status=PENDING,
+        attempts=0,
+        max_attempts=5,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    session.add(delivery)
+    session.flush()
+    return delivery.id
+
+
+def sign(secrets: list[str], webhook_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: one ``v1,<base64>`` per secret, space-separated."""
+    message = f"{webhook_id}.{timestamp}.".encode() + body
+    out = []
+    for secret in secrets:
+        key = base64.b64decode(secret.removeprefix("whsec_"))
+        digest = hmac.new(key, message, hashlib.sha256).digest()
+        out.append("v1," + base64.b64encode(digest).decode())
+    return " ".join(out)
+
+
+def body_of(delivery: WebhookDelivery) -> bytes:
+    return json.dumps(delivery.payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    delivery_id: str
+    attempt: int
+    url: str
+    body: bytes
+    secrets: list[str]
+
+
+def claim_attempt(
+    session: Session,
+    delivery_id: str,
+    *,
+    hold_seconds: float,
+    now: datetime | None = None,
+    early_tolerance: float = 1.0,
+) -> AttemptPlan | None:
+    """Claim the next attempt, or None when it is not due or not ours to send."""
+    from app.services.organizations import signing_secrets
+
+    now = now or utcnow()
+    delivery = session.execute(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if delivery is None or delivery.status != PENDING:
+        return None
+    if delivery.claimed_until is not None and delivery.claimed_until > now:
+        return None  # another worker is sending this attempt right now
+    if delivery.next_attempt_at is not None and delivery.next_attempt_at > now + timedelta(
+        seconds=early_tolerance
+    ):
+        return None  # an early copy; the scheduled message or the sweep sends it
+    delivery.claimed_until = now + timedelta(seconds=hold_seconds)
+    org = session.get(Organization, delivery.organization_id)
+    assert org is not None
+    return AttemptPlan(
+        delivery_id=delivery.id,
+        attempt=delivery.attempts + 1,
+        url=delivery.url,
+        body=body_of(delivery),
+        secrets=signing_secrets(org, now),
+    )
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    outcome: str  # delivered | http_error | gone | redirect | timeout | connection_error | ...
+    response_status: int | None
+    duration_ms: int
+    error: str | None
+
+
+def record_attempt(
+    session: Session,
+    plan: AttemptPlan,
+    result: AttemptOutcome,
+    *,
+    retry_base_seconds: float,
+    now: datetime | None = None,
+) -> float | None:
+    """Store the attempt and move the delivery on; returns the retry countdown, if any."""
+    now = now or utcnow()
+    delivery = session.execute(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.id == plan.delivery_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery.id,
+            attempt=plan.attempt,
+            at=now,
+            outcome=result.outcome,
+            response_status=result.response_status,
+            duration_ms=result.duration_ms,
+            error=(result.error or None) and result.error[:200],
+        )
+    )
+    delivery.claimed_until = None
+    countdown: float | None = None
+    if delivery.status == PENDING and delivery.attempts < plan.attempt:
+        delivery.attempts = plan.attempt
+        if result.outcome == DELIVERED:
+            delivery.status = DELIVERED
+            delivery.delivered_at = now
+            delivery.next_attempt_at = None
+        elif result.outcome == "gone" or delivery.attempts >= delivery.max_attempts:
+            delivery.status = FAILED
+            delivery.next_attempt_at = None
+        else:
+            countdown = retry_delay(retry_base_seconds, delivery.attempts)
+            delivery.next_attempt_at = now + timedelta(seconds=countdown)
+    task = session.get(Task, delivery.task_id, populate_existing=True)
+    if task is not None:
+        task.webhook_status = delivery.status
+        task.webhook_attempts = delivery.attempts
+    return countdown
+
+
+def retry_delay(base: float, failed_attempts: int) -> float:
+    """~base, 2*base, 4*base, 8*base after the 1st, 2nd, 3rd, 4th failure, with ±5% jitter."""
+    delay = base * 2 ** (failed_attempts - 1)
+    return float(delay * random.uniform(0.95, 1.05))
+
+
+def redeliver(session: Session, task: Task, *, now: datetime | None = None) -> list[str]:
+    """Send every event of the task again now, with the same webhook ids."""
+    now = now or utcnow()
+    rows = list(
+        session.execute(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.task_id == task.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalars()
+    )
+    if not rows:
+        raise NothingToDeliver(
+            "The task has not finished, so it has no webhook event yet; events are "
+            "sent when it reaches succeeded, failed or canceled."
+        )
+    for delivery in rows:
+        if delivery.status == PENDING:
+            # Already on its way: bring its next attempt forward.
+            delivery.next_attempt_at = now
+            continue
+        delivery.status = PENDING
+        delivery.max_attempts = delivery.attempts + 1
+        delivery.next_attempt_at = now
+        delivery.claimed_until = None
+    task.webhook_status = PENDING
+    return [d.id for d in rows]
+
+
+def list_for_task(session: Session, task_id: str) -> list[dict[str, Any]]:
+    deliveries = list(
+        session.execute(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.task_id == task_id)
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        ).scalars()
+    )
+    attempts: dict[str, list[WebhookAttempt]] = {d.id: [] for d in deliveries}
+    if deliveries:
+        for a in session.execute(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id.in_(list(attempts)))
+            .order_by(WebhookAttempt.attempt, WebhookAttempt.id)
+        ).scalars():
+            attempts[a.delivery_id].append(a)
+    return [
+        {
+            "webhookId": d.id,
+            "eventType": d.event_type,
+            "url": d.url,
+            "status": d.status,
+            "attempts": [
+                {
+                    "attempt": a.attempt,
+                    "at": iso(a.at),
+                    "outcome": a.outcome,
+                    "responseStatus": a.response_status,
+                    "durationMs": a.duration_ms,
+                    "error": a.error,
+                }
+                for a in attempts[d.id]
+            ],
+        }
+        for d in deliveries
+    ]
+
+
+def send_attempt(plan: AttemptPlan, *, timeout: float, allow_private: bool) -> AttemptOutcome:
+    """POST the event once, signed for this attempt; the receiver's body is never kept."""
+    from app.services import outbound
+
+    timestamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Waybill-Webhooks/1",
+        "webhook-id": plan.delivery_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(plan.secrets, plan.delivery_id, timestamp, plan.body),
+    }
+    started = time.monotonic()
+    try:
+        response = outbound.request(
+            "POST",
+            plan.url,
+            headers=headers,
+            body=plan.body,
+            timeout=timeout,
+            max_bytes=RESPONSE_READ_LIMIT,
+            allow_private=allow_private,
+        )
+    except outbound.UnsafeTarget as exc:
+        return AttemptOutcome("refused", None, _ms(started), f"unsafe_target: {exc}"[:200])
+    except outbound.OutboundError as exc:
+        return AttemptOutcome(exc.kind, None, _ms(started), exc.kind)
+    status = response.status
+    if 200 <= status < 300:
+        return AttemptOutcome(DELIVERED, status, response.elapsed_ms, None)
+    if status == 410:
+        return AttemptOutcome("gone", status, response.elapsed_ms, "http_410")
+    if 300 <= status < 400:
+        return AttemptOutcome("redirect", status, response.elapsed_ms, f"http_{status}")
+    return AttemptOutcome("http_error", status, response.elapsed_ms, f"http_{status}")
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

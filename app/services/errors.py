@@ -1,0 +1,106 @@
+"""Typed domain errors; the HTTP layer maps each to one status code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status = 400
+    type_slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+
+class ValidationFailed(ServiceError):
+    status = 400
+    type_slug = "validation-error"
+    title = "The request is not valid"
+
+    def __init__(self, errors: dict[str, list[str]], detail: str = "The request is not valid") -> None:
+        super().__init__(detail, errors=errors)
+        self.errors = errors
+
+
+class NotFound(ServiceError):
+    status = 404
+    type_slug = "not-found"
+    title = "Not found"
+
+
+class InsufficientCredits(ServiceError):
+    status = 402
+    type_slug = "insufficient-credits"
+    title = "Not enough credits"
+
+    def __init__(self, balance: int, cost: int) -> None:
+        super().__init__(
+            f"This task costs {cost} credits and the organization's balance is {balance}.",
+            balance=balance,
+            cost=cost,
+        )
+
+
+class QueueFull(ServiceError):
+    status = 429
+    type_slug = "queue-full"
+    title = "The organization's queue is full"
+
+    def __init__(self, queued: int, queue_limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"The organization already has {queued} tasks waiting; its queue limit is "
+            f"{queue_limit}. Retry after {retry_after} seconds.",
+            queued=queued,
+            queueLimit=queue_limit,
+        )
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class IdempotencyConflict(ServiceError):
+    status = 422
+    type_slug = "idempotency-key-reused"
+    title = "Idempotency key already used for a different request"
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"The idempotency key {key!r} was already used with a different request "
+            "(type, input, webhook URL or metadata differ).",
+            idempotencyKey=key,
+        )
+
+
+class NothingToDeliver(ServiceError):
+    status = 409
+    type_slug = "no-webhook-event"
+    title = "The task has no webhook event to deliver yet"
+
+
+class TaskAlreadyFinal(ServiceError):
+    status = 409
+    type_slug = "task-already-final"
+    title = "The task has already finished"
+
+
+def messages_to_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested messages as the spec's ``{"field.path": [...]}``."""
+    out: dict[str, list[str]] = {}
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
+            for sub, msgs in messages_to_errors(value, path).items():
+                out.setdefault(sub, []).extend(msgs)
+    elif isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, str):
+                out.setdefault(prefix or "body", []).append(m)
+            else:
+                for sub, msgs in messages_to_errors(m, prefix).items():
+                    out.setdefault(sub, []).extend(msgs)
+    else:
+        out.setdefault(prefix or "body", []).append(str(messages))
+    return out

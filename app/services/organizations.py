@@ -1,0 +1,181 @@
+"""Organizations, API keys, credit grants and webhook secrets."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app import ids
+from app.models import ApiKey, CreditEntry, Organization
+from app.models.base import utcnow
+from app.services.errors import NotFound, ValidationFailed
+
+KEY_PREFIX = "wb_"
+SECRET_OVERLAP = timedelta(hours=24)
+
+
+def hash_key(api_key: str) -> str:
+    # Keys carry 256 random bits, so one SHA-256 is enough: there is nothing
+    # to brute-force that a slow hash would protect.
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key_id: str
+    api_key: str  # shown once, never stored
+
+
+@dataclass(frozen=True)
+class CreatedOrganization:
+    organization: Organization
+    key: CreatedKey
+
+
+def create_organization(
+    session: Session,
+    name: str,
+    *,
+    credits: int,
+    queue_limit: int,
+    concurrency_limit: int,
+) -> CreatedOrganization:
+    if not name.strip():
+        raise ValidationFailed({"name": ["Must not be empty."]})
+    if queue_limit < 0 or concurrency_limit < 1:
+        raise ValidationFailed({"limits": ["queue limit >= 0 and concurrency limit >= 1"]})
+    org = Organization(
+        id=ids.organization_id(),
+        name=name.strip(),
+        credits=0,
+        queue_limit=queue_limit,
+        concurrency_limit=concurrency_limit,
+        queued=0,
+        running=0,
+        webhook_secret=new_webhook_secret(),
+        created_at=utcnow(),
+    )
+    session.add(org)
+    session.flush()
+    if credits:
+        grant_credits(session, org.id, credits)
+    key = create_api_key(session, org.id)
+    return CreatedOrganization(organization=org, key=key)
+
+
+def get_organization(session: Session, organization_id: str) -> Organization:
+    org = session.get(Organization, organization_id)
+    if org is None:
+        raise NotFound(f"no organization {organization_id}")
+    return org
+
+
+def create_api_key(session: Session, organization_id: str) -> CreatedKey:
+    get_organization(session, organization_id)
+    prefix = secrets.token_hex(6)
+    api_key = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
+    key = ApiKey(
+        id=ids.api_key_id(),
+        organization_id=organization_id,
+        prefix=prefix,
+        key_hash=hash_key(api_key),
+        created_at=utcnow(),
+    )
+    session.add(key)
+    session.flush()
+    return CreatedKey(key_id=key.id, api_key=api_key)
+
+
+def revoke_api_key(session: Session, key_id: str) -> None:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no API key {key_id}")
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+
+
+def authenticate(session: Session, api_key: str) -> Organization | None:
+    """The organization that owns ``api_key``, or None for a missing, wrong or revoked key."""
+    if not api_key.startswith(KEY_PREFIX):
+        return None
+    prefix = api_key[len(KEY_PREFIX) :].split("_", 1)[0]
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.organization_id, ApiKey.revoked_at).where(ApiKey.prefix == prefix)
+    ).first()
+    # Compare in constant time even when the prefix is unknown, so timing
+    # does not tell which prefixes exist.
+    expected = row.key_hash if row is not None else "0" * 64
+    ok = hmac.compare_digest(expected, hash_key(api_key))
+    if row is None or not ok or row.revoked_at is not None:
+        return None
+    return session.get(Organization, row.organization_id)
+
+
+def grant_credits(session: Session, organization_id: str, amount: int) -> int:
+    """Add (or, negative, remove) credits through the ledger; returns the new balance."""
+    org = get_organization(session, organization_id)
+    if amount == 0:
+        return org.credits
+    result = session.execute(
+        update(Organization)
+        .where(Organization.id == organization_id, Organization.credits + amount >= 0)
+        .values(credits=Organization.credits + amount)
+        .returning(Organization.credits)
+    ).first()
+    if result is None:
+        raise ValidationFailed({"amount": [f"would take the balance below zero (balance {org.credits})"]})
+    session.add(
+        CreditEntry(organization_id=organization_id, kind="grant", amount=amount, created_at=utcnow())
+    )
+    session.flush()
+    session.refresh(org)
+    return int(result[0])
+
+
+def set_limits(
+    session: Session,
+    organization_id: str,
+    *,
+    queue_limit: int | None = None,
+    concurrency_limit: int | None = None,
+) -> Organization:
+    org = get_organization(session, organization_id)
+    if queue_limit is not None:
+        org.queue_limit = queue_limit
+    if concurrency_limit is not None:
+        org.concurrency_limit = concurrency_limit
+    return org
+
+
+def signing_secrets(org: Organization, now: datetime | None = None) -> list[str]:
+    """The secrets that sign a webhook now: the current one, and the previous one during the overlap."""
+    now = now or utcnow()
+    out = [org.webhook_secret]
+    if (
+        org.previous_webhook_secret
+        and org.previous_webhook_secret_expires_at is not None
+        and org.previous_webhook_secret_expires_at > now
+    ):
+        out.append(org.previous_webhook_secret)
+    return out
+
+
+def rotate_webhook_secret(session: Session, organization_id: str) -> str:
+    org = session.execute(
+        select(Organization).where(Organization.id == organization_id).with_for_update()
+    ).scalar_one()
+    org.previous_webhook_secret = org.webhook_secret
+    org.previous_webhook_secret_expires_at = utcnow() + SECRET_OVERLAP
+    org.webhook_secret = new_webhook_secret()
+    return org.webhook_secret

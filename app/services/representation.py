@@ -1,0 +1,46 @@
+"""The task representation, as the API returns it and the webhooks send it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from app.models import Task, TaskStatus
+
+
+def iso(dt: datetime | None) -> str | None:
+    if dt is None:
+        return None
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def represent(task: Task) -> dict[str, Any]:
+    """The task as the API and the webhooks show it."""
+    out: dict[str, Any] = {
+        "taskId": task.id,
+        "type": task.type,
+        "status": task.status,
+        "input": task.input,
+        "idempotencyKey": task.idempotency_key,
+        "metadata": task.task_metadata,
+        "cost": task.cost,
+        "webhook": (
+            {
+                "url": task.webhook_url,
+                "status": task.webhook_status,
+                "attempts": task.webhook_attempts,
+            }
+            if task.webhook_url
+            else None
+        ),
+        "createdAt": iso(task.created_at),
+        "startedAt": iso(task.started_at),
+        "completedAt": iso(task.completed_at),
+    }
+    if task.status == TaskStatus.SUCCEEDED:
+        out["result"] = task.result
+    if task.status == TaskStatus.FAILED or (
+        task.status == TaskStatus.CANCELED and task.error_code is not None
+    ):
+        out["error"] = {"code": task.error_code, "message": task.error_message}
+    return out

@@ -1,0 +1,139 @@
+"""The periodic sweep that makes "nothing accepted is lost" true.
+
+Beat triggers it every ``SWEEP_INTERVAL_SECONDS``. It finds, from SQL alone:
+
+* tasks ``queued`` whose message never reached the broker (publish failed
+  after the commit, or the web process died in between);
+* tasks ``queued`` whose message was published long ago and may have been lost
+  with the broker's data;
+* tasks ``running`` whose lease expired (their worker died) -- the next claim
+  retries them or, after the last attempt, fails them;
+* webhook deliveries ``pending`` whose next attempt is overdue (the countdown
+  message was lost with a worker or the broker).
+
+Publishing twice is harmless: claims are conditional, so a duplicate message
+finds nothing to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Organization, Task, TaskStatus, WebhookDelivery
+from app.models.base import utcnow
+
+BATCH = 500
+
+
+@dataclass
+class SweepPlan:
+    task_ids: list[str] = field(default_factory=list)
+    delivery_ids: list[str] = field(default_factory=list)
+
+
+def plan(
+    session: Session,
+    *,
+    grace_seconds: float,
+    republish_after_seconds: float,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> SweepPlan:
+    now = now or utcnow()
+    grace = now - timedelta(seconds=grace_seconds)
+    stale = now - timedelta(seconds=republish_after_seconds)
+    lease_ago = now - timedelta(seconds=lease_seconds)
+    out = SweepPlan()
+    never_published = select(Task.id).where(
+        Task.status == TaskStatus.QUEUED.value,
+        Task.dispatched_at.is_(None),
+        Task.created_at < grace,
+    )
+    published_long_ago = select(Task.id).where(
+        Task.status == TaskStatus.QUEUED.value, Task.dispatched_at < stale
+    )
+    lease_expired = select(Task.id).where(
+        Task.status == TaskStatus.RUNNING.value,
+        Task.lease_expires_at < now,
+        or_(Task.dispatched_at.is_(None), Task.dispatched_at < lease_ago),
+    )
+    for query in (never_published, published_long_ago, lease_expired):
+        out.task_ids.extend(session.execute(query.limit(BATCH)).scalars())
+    overdue = (
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at < grace,
+            or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
+        )
+        .limit(BATCH)
+    )
+    out.delivery_ids.extend(session.execute(overdue).scalars())
+    if out.delivery_ids:
+        # Due again only after another grace period: a sweep that finds the
+        # webhook worker down does not pile up copies every interval.
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(out.delivery_ids))
+            .values(next_attempt_at=now)
+        )
+    return out
+
+
+def reconcile_counters(session: Session) -> dict[str, tuple[int, int]]:
+    """Set each organization's queued/running counters to the truth in SQL.
+
+    The counters move in the same transactions as the tasks, so they should
+    never drift; this heals them if a bug or a manual edit ever makes them.
+    Returns the organizations that were corrected, with their new counts.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    rows = session.execute(
+        select(Task.organization_id, Task.status, func.count())
+        .where(Task.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]))
+        .group_by(Task.organization_id, Task.status)
+    )
+    for org_id, status, n in rows:
+        counts.setdefault(org_id, {})[status] = n
+    nonzero = session.execute(
+        select(Organization.id).where(or_(Organization.queued != 0, Organization.running != 0))
+    ).scalars()
+    suspects = sorted(set(counts) | set(nonzero))
+    fixed: dict[str, tuple[int, int]] = {}
+    for org_id in suspects:
+        have = counts.get(org_id, {})
+        org = session.get(Organization, org_id)
+        assert org is not None
+        if org.queued == have.get("queued", 0) and org.running == have.get("running", 0):
+            continue
+        # Recount under the organization's row lock: every counter change
+        # holds that lock, so the recount cannot race one.
+        org = session.execute(
+            select(Organization)
+            .where(Organization.id == org_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one()
+        queued, running = _count(session, org_id)
+        if (org.queued, org.running) != (queued, running):
+            org.queued, org.running = queued, running
+            fixed[org_id] = (queued, running)
+    return fixed
+
+
+def _count(session: Session, organization_id: str) -> tuple[int, int]:
+    rows = dict(
+        session.execute(
+            select(Task.status, func.count())
+            .where(
+                Task.organization_id == organization_id,
+                Task.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]),
+            )
+            .group_by(Task.status)
+        ).all()
+    )
+    return int(rows.get("queued", 0)), int(rows.get("running", 0))

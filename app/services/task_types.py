@@ -1,0 +1,116 @@
+"""The task-type registry.
+
+A task type declares its name, cost, description, input schema (marshmallow)
+and handler. Built-in types and third-party ones are all found through the
+``waybill.task_types`` entry-point group; see ``docs/task-types.rst``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from marshmallow import Schema, ValidationError
+
+from app.services.errors import ValidationFailed, messages_to_errors
+
+ENTRY_POINT_GROUP = "waybill.task_types"
+
+
+class TaskError(Exception):
+    """Raised by a handler for an expected failure: the task ends ``failed`` with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    task_id: str
+    organization_id: str
+    attempt: int
+    allow_private_targets: bool
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    cost: int
+    description: str
+    handler: Callable[[Any, TaskContext], Any]
+    # None: any JSON value is accepted as input (and ``input`` may be omitted).
+    input_schema: type[Schema] | None = None
+
+    def load_input(self, raw: Any) -> Any:
+        """Validate ``raw`` and return the input the handler will receive."""
+        if self.input_schema is None:
+            return raw
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValidationFailed({"input": ["Must be a JSON object."]})
+        try:
+            return self.input_schema().load(raw)
+        except ValidationError as exc:
+            raise ValidationFailed(messages_to_errors(exc.messages, "input")) from None
+
+    def json_schema(self) -> dict[str, Any]:
+        if self.input_schema is None:
+            return {}
+        return marshmallow_to_json_schema(self.input_schema)
+
+
+def marshmallow_to_json_schema(schema: type[Schema]) -> dict[str, Any]:
+    # apispec's converter is the same one the OpenAPI document uses, so the
+    # schema a client reads in /v1/task-types is the one the API enforces.
+    from apispec import APISpec
+    from apispec.ext.marshmallow import MarshmallowPlugin
+
+    # A resolver answering None makes apispec inline nested schemas, which
+    # is what a self-contained inputSchema needs; its stubs want a str.
+    plugin = MarshmallowPlugin(schema_name_resolver=lambda _s: None)  # type: ignore[arg-type,return-value]
+    APISpec(title="x", version="1", openapi_version="3.0.3", plugins=[plugin])
+    assert plugin.converter is not None
+    return dict(plugin.converter.schema2jsonschema(schema))
+
+
+class Registry:
+    def __init__(self, types: Iterable[TaskType] = ()) -> None:
+        self._types: dict[str, TaskType] = {}
+        for t in types:
+            self.add(t)
+
+    def add(self, task_type: TaskType) -> None:
+        if not isinstance(task_type, TaskType):
+            raise TypeError(f"not a TaskType: {task_type!r}")
+        if task_type.name in self._types:
+            raise ValueError(f"task type {task_type.name!r} is registered twice")
+        if task_type.cost < 0:
+            raise ValueError(f"task type {task_type.name!r} has a negative cost")
+        self._types[task_type.name] = task_type
+
+    def get(self, name: str) -> TaskType | None:
+        return self._types.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._types
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self._types.values(), key=lambda t: t.name))
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    @classmethod
+    def from_entry_points(cls) -> Registry:
+        registry = cls()
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            task_type = ep.load()
+            if task_type.name != ep.name:
+                raise ValueError(f"entry point {ep.name!r} names a task type called {task_type.name!r}")
+            registry.add(task_type)
+        return registry

@@ -1,0 +1,432 @@
+"""Submitting, reading and moving tasks through their statuses.
+
+Status moves are conditional updates under a row lock, so every move happens
+once however many workers or sweeps race: ``queued -> running`` (claim),
+``running -> succeeded | failed`` (only by the run that holds the current
+attempt), ``queued | running -> canceled``. The organization's ``queued`` and
+``running`` counters move in the same transactions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import ids
+from app.db import rowcount
+from app.models import CreditEntry, Organization, Task, TaskStatus
+from app.models.base import utcnow
+from app.services import deliveries
+from app.services.errors import (
+    IdempotencyConflict,
+    InsufficientCredits,
+    NotFound,
+    QueueFull,
+    TaskAlreadyFinal,
+    ValidationFailed,
+)
+from app.services.task_types import Registry
+
+DRAIN_TAU_SECONDS = 60.0
+WORKER_LOST = "worker_lost"
+
+
+# -- submission -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    type: str
+    input: Any = None
+    webhook_url: str | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    def fingerprint(self) -> str:
+        """What makes two submissions "the same request" for an idempotency key.
+
+        The type, the input, the webhook URL and the metadata, compared as JSON
+        values (key order and white space do not matter).
+        """
+        canonical = json.dumps(
+            [self.type, self.input, self.webhook_url, self.metadata],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    task: Task
+    created: bool  # False: an idempotent replay of an earlier submission
+
+
+def submit(
+    session: Session,
+    organization_id: str,
+    req: SubmitRequest,
+    *,
+    registry: Registry,
+    request_id: str | None = None,
+) -> Submitted:
+    """Validate, reserve credits, take a queue place and store the task, in one transaction.
+
+    The caller commits, then dispatches the task.
+    """
+    task_type = registry.get(req.type)
+    if task_type is None:
+        raise ValidationFailed({"type": [f"Unknown task type. Known types: {', '.join(registry.names())}."]})
+    task_input = task_type.load_input(req.input)
+    fingerprint = req.fingerprint()
+
+    if req.idempotency_key is not None:
+        existing = _by_idempotency_key(session, organization_id, req.idempotency_key)
+        if existing is not None:
+            return _replay(existing, req.idempotency_key, fingerprint)
+
+    cost = task_type.cost
+    now = utcnow()
+    try:
+        # A savepoint, so that losing an idempotency race undoes the credit
+        # reservation and queue place taken below as well.
+        with session.begin_nested():
+            task = _insert(session, organization_id, req, task_input, fingerprint, cost, now, request_id)
+    except IntegrityError:
+        # Another request claimed this idempotency key first and has
+        # committed (the unique index made us wait for it): replay it.
+        if req.idempotency_key is None:
+            raise
+        existing = _by_idempotency_key(session, organization_id, req.idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, req.idempotency_key, fingerprint)
+    return Submitted(task=task, created=True)
+
+
+def _insert(
+    session: Session,
+    organization_id: str,
+    req: SubmitRequest,
+    task_input: Any,
+    fingerprint: str,
+    cost: int,
+    now: datetime,
+    request_id: str | None,
+) -> Task:
+    # One conditional update checks both limits and takes both the credits
+    # and the queue place: exact under any concurrency, O(1) at any backlog.
+    taken = rowcount(
+        session.execute(
+            update(Organization)
+            .where(
+                Organization.id == organization_id,
+                Organization.credits >= cost,
+                Organization.queued < Organization.queue_limit,
+            )
+            .values(credits=Organization.credits - cost, queued=Organization.queued + 1)
+        )
+    )
+    if taken != 1:
+        org = session.get(Organization, organization_id, populate_existing=True)
+        assert org is not None
+        if org.credits < cost:
+            raise InsufficientCredits(balance=org.credits, cost=cost)
+        raise QueueFull(org.queued, org.queue_limit, retry_after(org, now))
+
+    task = Task(
+        id=ids.task_id(),
+        organization_id=organization_id,
+        type=req.type,
+        status=TaskStatus.QUEUED.value,
+        input=task_input,
+        task_metadata=req.metadata,
+        idempotency_key=req.idempotency_key,
+        request_hash=fingerprint,
+        cost=cost,
+        refunded=False,
+        webhook_url=req.webhook_url,
+        webhook_status="none",
+        webhook_attempts=0,
+        attempts=0,
+        request_id=request_id,
+        created_at=now,
+    )
+    session.add(task)
+    if cost:
+        session.add(
+            CreditEntry(
+                organization_id=organization_id,
+                task_id=task.id,
+                kind="reserve",
+                amount=-cost,
+                created_at=now,
+            )
+        )
+    session.flush()
+    return task
+
+
+def _by_idempotency_key(session: Session, organization_id: str, key: str) -> Task | None:
+    return session.execute(
+        select(Task).where(Task.organization_id == organization_id, Task.idempotency_key == key)
+    ).scalar_one_or_none()
+
+
+def _replay(existing: Task, key: str, fingerprint: str) -> Submitted:
+    if existing.request_hash != fingerprint:
+        raise IdempotencyConflict(key)
+    return Submitted(task=existing, created=False)
+
+
+def retry_after(org: Organization, now: datetime) -> int:
+    """Seconds until a queue place is likely free, from the recent drain rate."""
+    rate = _decayed_rate(org, now)
+    if rate <= 1e-6:
+        return 60
+    return max(1, min(3600, math.ceil(1.0 / rate)))
+
+
+def _decayed_rate(org: Organization, now: datetime) -> float:
+    if org.drain_updated_at is None:
+        return 0.0
+    dt = max(0.0, (now - org.drain_updated_at).total_seconds())
+    return (org.drain_rate or 0.0) * math.exp(-dt / DRAIN_TAU_SECONDS)
+
+
+# -- reading ------------------------------------------------------------------
+
+
+def get_task(session: Session, organization_id: str, task_id: str) -> Task:
+    task = session.get(Task, task_id) if isinstance(task_id, str) and len(task_id) <= 40 else None
+    if task is None or task.organization_id != organization_id:
+        # The same answer for another organization's task as for a missing one.
+        raise NotFound("No task with this id.")
+    return task
+
+
+def encode_cursor(task_id: str) -> str:
+    return base64.urlsafe_b64encode(task_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationFailed({"cursor": ["Not a cursor returned by this API."]}) from None
+    if not raw.startswith("task_") or len(raw) > 40:
+        raise ValidationFailed({"cursor": ["Not a cursor returned by this API."]})
+    return raw
+
+
+def list_tasks(
+    session: Session,
+    organization_id: str,
+    *,
+    status: str | None = None,
+    type: str | None = None,
+    idempotency_key: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+) -> tuple[list[Task], str | None]:
+    """Newest first; the cursor is the last id seen, so pages are stable as tasks arrive."""
+    query = select(Task).where(Task.organization_id == organization_id)
+    if status:
+        query = query.where(Task.status == status)
+    if type:
+        query = query.where(Task.type == type)
+    if idempotency_key is not None:
+        query = query.where(Task.idempotency_key == idempotency_key)
+    if cursor:
+        query = query.where(Task.id < decode_cursor(cursor))
+    rows = list(session.execute(query.order_by(Task.id.desc()).limit(limit + 1)).scalars())
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+# -- moving through statuses ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a worker's attempt to start a task."""
+
+    task: Task | None  # set when this run may execute the handler
+    attempt: int = 0
+    delivery_id: str | None = None  # set when the claim itself finished the task
+
+
+def _lock_task(session: Session, task_id: str) -> Task | None:
+    return session.execute(
+        select(Task).where(Task.id == task_id).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def _lock_org(session: Session, organization_id: str) -> Organization:
+    return session.execute(
+        select(Organization)
+        .where(Organization.id == organization_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+
+
+def claim(
+    session: Session,
+    task_id: str,
+    *,
+    lease_seconds: float,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> Claim:
+    """Start a run: ``queued -> running``, or take over a run whose lease expired.
+
+    A run whose worker died leaves the task ``running`` with an expired lease;
+    the next claim starts attempt n+1, and after ``max_attempts`` such runs the
+    task fails with ``worker_lost``.
+    """
+    now = now or utcnow()
+    task = _lock_task(session, task_id)
+    if task is None:
+        return Claim(task=None)
+    if task.status == TaskStatus.QUEUED:
+        org = _lock_org(session, task.organization_id)
+        org.queued -= 1
+        org.running += 1
+        _note_drain(org, now)
+    elif (
+        task.status == TaskStatus.RUNNING
+        and task.lease_expires_at is not None
+        and (task.lease_expires_at < now)
+    ):
+        if task.attempts >= max_attempts:
+            delivery_id = _finish(
+                session,
+                task,
+                TaskStatus.FAILED,
+                error=(
+                    WORKER_LOST,
+                    f"The worker running this task stopped {task.attempts} times "
+                    "(killed or lost); the task was not retried again.",
+                ),
+                now=now,
+            )
+            return Claim(task=None, delivery_id=delivery_id)
+    else:
+        return Claim(task=None)
+    task.status = TaskStatus.RUNNING.value
+    task.attempts += 1
+    task.started_at = task.started_at or now
+    task.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    return Claim(task=task, attempt=task.attempts)
+
+
+def _note_drain(org: Organization, now: datetime) -> None:
+    org.drain_rate = _decayed_rate(org, now) + 1.0 / DRAIN_TAU_SECONDS
+    org.drain_updated_at = now
+
+
+def renew_lease(session: Session, task_id: str, attempt: int, until: datetime) -> bool:
+    """Extend the lease of the run that holds ``attempt``; False once it lost the task."""
+    done = rowcount(
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.status == TaskStatus.RUNNING.value, Task.attempts == attempt)
+            .values(lease_expires_at=until)
+        )
+    )
+    return bool(done)
+
+
+def record_result(
+    session: Session,
+    task_id: str,
+    attempt: int,
+    *,
+    result: Any = None,
+    error: tuple[str, str] | None = None,
+    now: datetime | None = None,
+) -> tuple[bool, str | None]:
+    """Record the run's outcome once; returns (recorded, webhook delivery id to publish).
+
+    Only the run holding the current attempt of a ``running`` task records:
+    a duplicate message, a run that lost its lease, or a run of a task
+    canceled meanwhile gets ``False`` and its outcome is discarded.
+    """
+    task = _lock_task(session, task_id)
+    if task is None or task.status != TaskStatus.RUNNING or task.attempts != attempt:
+        return False, None
+    status = TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
+    delivery_id = _finish(session, task, status, result=result, error=error, now=now or utcnow())
+    return True, delivery_id
+
+
+def cancel(session: Session, organization_id: str, task_id: str) -> tuple[Task, str | None, bool]:
+    """Cancel a waiting or running task; returns (task, delivery id, was running)."""
+    get_task(session, organization_id, task_id)
+    task = _lock_task(session, task_id)
+    assert task is not None
+    if TaskStatus(task.status).is_final:
+        raise TaskAlreadyFinal(f"The task is already {task.status}.")
+    was_running = task.status == TaskStatus.RUNNING
+    delivery_id = _finish(session, task, TaskStatus.CANCELED, now=utcnow())
+    return task, delivery_id, was_running
+
+
+def _finish(
+    session: Session,
+    task: Task,
+    status: TaskStatus,
+    *,
+    now: datetime,
+    result: Any = None,
+    error: tuple[str, str] | None = None,
+) -> str | None:
+    org = _lock_org(session, task.organization_id)
+    if task.status == TaskStatus.QUEUED:
+        org.queued -= 1
+    elif task.status == TaskStatus.RUNNING:
+        org.running -= 1
+    task.status = status.value
+    task.completed_at = now
+    task.lease_expires_at = None
+    if status == TaskStatus.SUCCEEDED:
+        task.result = result
+    if error is not None:
+        task.error_code, task.error_message = error
+    if status in (TaskStatus.FAILED, TaskStatus.CANCELED):
+        refund(session, task, org, now=now)
+    session.flush()
+    if task.webhook_url:
+        return deliveries.create_for_event(session, task, f"task.{status.value}", now=now)
+    return None
+
+
+def refund(session: Session, task: Task, org: Organization, *, now: datetime) -> bool:
+    """Give the task's credits back, once: the flag and the ledger's unique key both say so."""
+    if task.refunded or not task.cost:
+        return False
+    done = rowcount(
+        session.execute(
+            update(Task).where(Task.id == task.id, Task.refunded.is_(False)).values(refunded=True)
+        )
+    )
+    if not done:
+        return False
+    task.refunded = True
+    org.credits += task.cost
+    session.add(
+        CreditEntry(organization_id=org.id, task_id=task.id, kind="refund", amount=task.cost, created_at=now)
+    )
+    return True

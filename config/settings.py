@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One immutable object with every setting; see ``docs/configuration.rst``.
+
+    ``from_env`` maps ``FIELD_NAME`` environment variables onto the fields
+    (``database_url`` <- ``DATABASE_URL``) and converts them to the field's type.
+    """
+
+    var_dir: str = "./var"
+    database_url: str = ""  # empty: an SQLite file under var_dir
+    redis_url: str = ""  # empty: the embedded server's URL written under var_dir
+    webhook_retry_base_seconds: float = 120.0
+    webhook_timeout_seconds: float = 10.0
+    webhook_max_attempts: int = 5
+    webhook_allow_private: bool = False
+    fetch_allow_private: bool = False
+    default_queue_limit: int = 100_000
+    default_concurrency_limit: int = 10
+    default_credits: int = 1000
+    max_body_bytes: int = 1_048_576
+    # A running task holds a lease that its worker renews; an expired lease
+    # means the worker died and the task may run again.
+    task_lease_seconds: float = 60.0
+    task_max_attempts: int = 3
+    # Beat runs the sweep this often. A task queued but never published, or a
+    # webhook attempt whose message is this late, is published again.
+    sweep_interval_seconds: float = 5.0
+    sweep_grace_seconds: float = 10.0
+    republish_after_seconds: float = 900.0
+    publish_timeout_seconds: float = 2.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    flower_port: int = 5555
+    web_concurrency: int = 4
+    worker_concurrency: int = 2
+    # "user:password"; Flower refuses to start without it outside the local run.
+    flower_basic_auth: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None:
+                continue
+            default = getattr(cls, f.name)
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = _bool(raw)
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ValueError(f"{f.name.upper()}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **overrides)
+
+    @property
+    def var_path(self) -> Path:
+        return Path(self.var_dir).resolve()
+
+    @property
+    def embedded_redis_url_file(self) -> Path:
+        return self.var_path / "redis" / "url"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.var_path / 'waybill.sqlite3'}"
+
+    def resolved_redis_url(self) -> str:
+        """The broker URL: ``REDIS_URL``, else the one the local run wrote.
+
+        The local run (``waybill run``) starts an embedded Redis and writes its
+        URL to ``var/redis/url`` so that every process and CLI call of that run
+        finds it without the operator exporting anything.
+        """
+        if self.redis_url:
+            return self.redis_url
+        path = self.embedded_redis_url_file
+        if path.exists():
+            return path.read_text().strip()
+        raise RuntimeError(
+            "REDIS_URL is not set and no embedded Redis is running: "
+            "start Waybill with `make run`, or set REDIS_URL"
+        )

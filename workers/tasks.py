@@ -1,0 +1,111 @@
+"""Named Celery tasks. Each takes an id, calls a service, and publishes what follows."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+from flask import current_app
+
+from app.factory import Waybill
+from app.services import deliveries, runner, sweep
+from app.services.dispatch import dispatch_delivery, dispatch_task
+
+log = logging.getLogger("waybill.worker")
+
+
+def _waybill() -> Waybill:
+    wb: Waybill = current_app.extensions["waybill"]
+    return wb
+
+
+@shared_task(name="waybill.tasks.run")
+def run_task(task_id: str) -> str:
+    wb = _waybill()
+    s = wb.settings
+    outcome = runner.execute(
+        wb.db,
+        wb.registry,
+        runner.RunSettings(
+            lease_seconds=s.task_lease_seconds,
+            max_attempts=s.task_max_attempts,
+            allow_private_targets=s.fetch_allow_private,
+        ),
+        task_id,
+    )
+    dispatch_delivery(wb.publisher, outcome.delivery_id)
+    return outcome.status or "skipped"
+
+
+@shared_task(name="waybill.webhooks.deliver")
+def deliver_webhook(delivery_id: str) -> str:
+    wb = _waybill()
+    s = wb.settings
+    with wb.db.session() as session:
+        plan = deliveries.claim_attempt(session, delivery_id, hold_seconds=s.webhook_timeout_seconds + 30)
+    if plan is None:
+        return "skipped"
+    result = deliveries.send_attempt(
+        plan, timeout=s.webhook_timeout_seconds, allow_private=s.webhook_allow_private
+    )
+    with wb.db.session() as session:
+        countdown = deliveries.record_attempt(
+            session, plan, result, retry_base_seconds=s.webhook_retry_base_seconds
+        )
+    log.info(
+        "webhook attempt",
+        extra={
+            "event": "webhook.attempt",
+            "webhook_id": delivery_id,
+            "attempt": plan.attempt,
+            "outcome": result.outcome,
+            "http_status": result.response_status,
+            "duration_ms": result.duration_ms,
+        },
+    )
+    if countdown is not None:
+        dispatch_delivery(wb.publisher, delivery_id, countdown)
+    return result.outcome
+
+
+@shared_task(name="waybill.maintenance.sweep")
+def sweep_task() -> dict[str, int]:
+    wb = _waybill()
+    s = wb.settings
+    with wb.db.session() as session:
+        found = sweep.plan(
+            session,
+            grace_seconds=s.sweep_grace_seconds,
+            republish_after_seconds=s.republish_after_seconds,
+            lease_seconds=s.task_lease_seconds,
+        )
+    for task_id in found.task_ids:
+        dispatch_task(wb.db, wb.publisher, task_id)
+    for delivery_id in found.delivery_ids:
+        dispatch_delivery(wb.publisher, delivery_id)
+    if found.task_ids or found.delivery_ids:
+        log.info(
+            "sweep republished",
+            extra={
+                "event": "sweep.republished",
+                "status": f"tasks={len(found.task_ids)} webhooks={len(found.delivery_ids)}",
+            },
+        )
+    return {"tasks": len(found.task_ids), "webhooks": len(found.delivery_ids)}
+
+
+@shared_task(name="waybill.maintenance.reconcile")
+def reconcile_task() -> int:
+    wb = _waybill()
+    with wb.db.session() as session:
+        fixed = sweep.reconcile_counters(session)
+    for org_id, (queued, running) in fixed.items():
+        log.warning(
+            "counters corrected",
+            extra={
+                "event": "counters.corrected",
+                "organization_id": org_id,
+                "status": f"queued={queued} running={running}",
+            },
+        )
+    return len(fixed)
