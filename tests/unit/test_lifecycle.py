@@ -1,0 +1,216 @@
+"""The task state machine, credits and the sweep, at the service level."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from app.db import Database
+from app.models import CreditEntry, Organization, Task
+from app.models.base import utcnow
+from app.services import runner, sweep, tasks
+from app.services.task_types import Registry, TaskContext, TaskError, TaskType
+from tests.conftest import Org
+
+
+def _submit(db: Database, org: Org, type_: str = "echo", **kw) -> str:
+    with db.session() as s:
+        return tasks.submit(
+            s, org.id, tasks.SubmitRequest(type=type_, **kw), registry=Registry.from_entry_points()
+        ).task.id
+
+
+def _task(db: Database, task_id: str) -> Task:
+    with db.session() as s:
+        task = s.get(Task, task_id)
+        assert task is not None
+        return task
+
+
+def _org(db: Database, org_id: str) -> Organization:
+    with db.session() as s:
+        org = s.get(Organization, org_id)
+        assert org is not None
+        return org
+
+
+def _ledger_sum(db: Database, org_id: str) -> int:
+    with db.session() as s:
+        return int(
+            s.execute(
+                select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
+                    CreditEntry.organization_id == org_id
+                )
+            ).scalar_one()
+        )
+
+
+def boom(_input, _ctx: TaskContext):
+    raise RuntimeError("kaput")
+
+
+def refuse(_input, _ctx: TaskContext):
+    raise TaskError("bad_luck", "no")
+
+
+REGISTRY = Registry.from_entry_points()
+REGISTRY.add(TaskType(name="boom", cost=3, description="fails", handler=boom))
+REGISTRY.add(TaskType(name="refuse", cost=3, description="fails", handler=refuse))
+RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
+
+
+def _submit_custom(db: Database, org: Org, type_: str) -> str:
+    with db.session() as s:
+        return tasks.submit(s, org.id, tasks.SubmitRequest(type=type_), registry=REGISTRY).task.id
+
+
+def test_run_moves_queued_to_succeeded_and_counters_follow(db: Database, org: Org) -> None:
+    task_id = _submit(db, org, input={"x": 1})
+    assert (_org(db, org.id).queued, _org(db, org.id).running) == (1, 0)
+    outcome = runner.execute(db, REGISTRY, RUN, task_id)
+    assert outcome.recorded and outcome.status == "succeeded"
+    task = _task(db, task_id)
+    assert task.status == "succeeded" and task.result == {"x": 1}
+    assert task.started_at is not None and task.completed_at is not None
+    assert (_org(db, org.id).queued, _org(db, org.id).running) == (0, 0)
+    assert _org(db, org.id).credits == 999
+    assert _org(db, org.id).credits == _ledger_sum(db, org.id)
+
+
+def test_the_same_message_twice_records_one_result(db: Database, org: Org) -> None:
+    task_id = _submit(db, org)
+    first = runner.execute(db, REGISTRY, RUN, task_id)
+    second = runner.execute(db, REGISTRY, RUN, task_id)
+    assert first.recorded and not second.ran
+    assert _task(db, task_id).attempts == 1
+
+
+@pytest.mark.parametrize(("type_", "code"), [("boom", "handler_error"), ("refuse", "bad_luck")])
+def test_handler_failure_fails_the_task_and_refunds_once(
+    db: Database, org: Org, type_: str, code: str
+) -> None:
+    task_id = _submit_custom(db, org, type_)
+    assert _org(db, org.id).credits == 997
+    outcome = runner.execute(db, REGISTRY, RUN, task_id)
+    assert outcome.status == "failed"
+    task = _task(db, task_id)
+    assert task.status == "failed" and task.error_code == code and task.error_message
+    assert task.result is None
+    assert _org(db, org.id).credits == 1000 == _ledger_sum(db, org.id)
+    # The failure processed again (a duplicate record, a second refund call): nothing moves.
+    with db.session() as s:
+        again, _ = tasks.record_result(s, task_id, 1, error=("x", "y"))
+        t = s.get(Task, task_id)
+        o = s.get(Organization, org.id)
+        assert t is not None and o is not None
+        assert tasks.refund(s, t, o, now=utcnow()) is False
+    assert not again
+    assert _org(db, org.id).credits == 1000 == _ledger_sum(db, org.id)
+
+
+def test_refund_races_are_stopped_by_the_ledger_key(db: Database, org: Org) -> None:
+    task_id = _submit_custom(db, org, "boom")
+    runner.execute(db, REGISTRY, RUN, task_id)
+    with db.session() as s:
+        refunds = s.execute(
+            select(func.count()).where(CreditEntry.task_id == task_id, CreditEntry.kind == "refund")
+        ).scalar_one()
+    assert refunds == 1
+
+
+def test_a_dead_workers_task_runs_again_then_fails_after_three_attempts(db: Database, org: Org) -> None:
+    task_id = _submit(db, org)
+    now = utcnow()
+    for attempt in (1, 2, 3):
+        with db.session() as s:
+            claim = tasks.claim(s, task_id, lease_seconds=5, max_attempts=3, now=now)
+            assert claim.task is not None and claim.attempt == attempt
+        # A live lease is not taken over.
+        with db.session() as s:
+            assert tasks.claim(s, task_id, lease_seconds=5, max_attempts=3, now=now).task is None
+        now += timedelta(seconds=6)  # the worker died; its lease expires
+    with db.session() as s:
+        final = tasks.claim(s, task_id, lease_seconds=5, max_attempts=3, now=now)
+        assert final.task is None
+    task = _task(db, task_id)
+    assert task.status == "failed" and task.error_code == "worker_lost"
+    assert "3 times" in (task.error_message or "")
+    assert _org(db, org.id).running == 0
+    assert _org(db, org.id).credits == 1000
+
+
+def test_a_stale_run_cannot_record_over_a_newer_attempt(db: Database, org: Org) -> None:
+    task_id = _submit(db, org)
+    now = utcnow()
+    with db.session() as s:
+        tasks.claim(s, task_id, lease_seconds=5, max_attempts=3, now=now)
+    with db.session() as s:
+        second = tasks.claim(s, task_id, lease_seconds=5, max_attempts=3, now=now + timedelta(seconds=10))
+        assert second.attempt == 2
+    with db.session() as s:
+        assert tasks.record_result(s, task_id, 1, result="old")[0] is False
+    with db.session() as s:
+        assert tasks.record_result(s, task_id, 2, result="new")[0] is True
+    assert _task(db, task_id).result == "new"
+
+
+def test_a_canceled_running_task_discards_its_result(db: Database, org: Org) -> None:
+    task_id = _submit(db, org)
+    with db.session() as s:
+        tasks.claim(s, task_id, lease_seconds=5, max_attempts=3)
+    with db.session() as s:
+        _, _, was_running = tasks.cancel(s, org.id, task_id)
+        assert was_running
+    with db.session() as s:
+        assert tasks.record_result(s, task_id, 1, result="late")[0] is False
+    task = _task(db, task_id)
+    assert task.status == "canceled" and task.result is None
+    assert _org(db, org.id).credits == 1000 and _org(db, org.id).running == 0
+
+
+def test_lease_renewal_only_for_the_current_attempt(db: Database, org: Org) -> None:
+    task_id = _submit(db, org)
+    with db.session() as s:
+        tasks.claim(s, task_id, lease_seconds=5, max_attempts=3)
+    with db.session() as s:
+        assert tasks.renew_lease(s, task_id, 1, utcnow() + timedelta(seconds=60))
+        assert not tasks.renew_lease(s, task_id, 2, utcnow() + timedelta(seconds=60))
+
+
+def test_sweep_finds_unpublished_stale_and_lease_expired_tasks(db: Database, org: Org) -> None:
+    never = _submit(db, org)
+    published = _submit(db, org)
+    running = _submit(db, org)
+    now = utcnow()
+    with db.session() as s:
+        s.get(Task, published).dispatched_at = now  # type: ignore[union-attr]
+        tasks.claim(s, running, lease_seconds=5, max_attempts=3, now=now)
+        s.get(Task, running).dispatched_at = now  # type: ignore[union-attr]
+    with db.session() as s:
+        early = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=now)
+    assert early.task_ids == []
+    later = now + timedelta(seconds=11)
+    with db.session() as s:
+        found = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=later)
+    assert set(found.task_ids) == {never, running}
+    much_later = now + timedelta(seconds=601)
+    with db.session() as s:
+        found = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=much_later)
+    assert published in found.task_ids
+
+
+def test_reconcile_heals_drifted_counters(db: Database, org: Org) -> None:
+    _submit(db, org)
+    _submit(db, org)
+    with db.session() as s:
+        o = s.get(Organization, org.id)
+        assert o is not None
+        o.queued, o.running = 57, 3
+    with db.session() as s:
+        fixed = sweep.reconcile_counters(s)
+    assert fixed == {org.id: (2, 0)}
+    assert (_org(db, org.id).queued, _org(db, org.id).running) == (2, 0)
+    with db.session() as s:
+        assert sweep.reconcile_counters(s) == {}
