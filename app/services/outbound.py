@@ -232,6 +232,10 @@ def request(
                     break
                 chunks.append(chunk)
                 size += len(chunk)
+            if timed_out.is_set():
+                # The watchdog shut the socket: what we read looks like an
+                # end of body but is a cut-off answer.
+                raise OutboundError("timeout", f"no complete answer within {timeout:g}s")
             data = b"".join(chunks)
             if len(data) > max_bytes:
                 data = data[:max_bytes]
