@@ -199,8 +199,18 @@ Ctrl-C stops everything.
         flush=True,
     )
     procfile = Path(args.procfile).resolve()
-    honcho = shutil.which("honcho") or "honcho"
-    proc = subprocess.Popen([honcho, "-f", str(procfile), "-d", str(procfile.parent), "start"], env=env)
+    # The Procfile's commands (celery, waybill, honcho itself) live beside
+    # this interpreter, which need not be on PATH (make run calls .venv/bin/waybill).
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    honcho = shutil.which("honcho", path=env["PATH"]) or "honcho"
+    try:
+        proc = subprocess.Popen([honcho, "-f", str(procfile), "-d", str(procfile.parent), "start"], env=env)
+    except BaseException:
+        if redis is not None:
+            redis.stop()
+            url_file.unlink(missing_ok=True)
+        raise
 
     def forward(signum: int, _frame: Any) -> None:
         # Ctrl-C reaches the whole process group already; SIGTERM to this
