@@ -293,3 +293,14 @@ def test_request_id_is_echoed(client: FlaskClient) -> None:
     assert r.headers["X-Request-Id"] == "abc-123"
     r = client.get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
     assert r.headers["X-Request-Id"].startswith("req_")
+
+
+def test_hostile_webhook_urls_are_refused_at_submission(client: FlaskClient, org: Org) -> None:
+    from tests.unit.test_outbound import HOSTILE
+
+    assert len(HOSTILE) >= 30
+    for url in HOSTILE:
+        r = submit(client, org, {"type": "echo", "webhook": {"url": url}})
+        body = assert_problem(r, 400)
+        assert "webhook.url" in body["errors"], (url, body)
+    assert client.get("/v1/tasks", headers=org.headers).get_json()["data"] == []

@@ -165,3 +165,43 @@ def test_body_is_the_json_payload(db: Database, org: Org) -> None:
     with db.session() as s:
         d = s.execute(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id)).scalar_one()
         assert json.loads(deliveries.body_of(d)) == d.payload
+
+
+def test_a_name_rebound_to_loopback_at_delivery_is_refused_without_a_connection(
+    db: Database, org: Org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    canary = socket.socket()
+    canary.bind(("127.0.0.1", 0))
+    canary.listen(1)
+    canary.settimeout(0.3)
+    port = canary.getsockname()[1]
+    answer = {"ip": "93.184.215.14"}  # public at submission time
+    real = socket.getaddrinfo
+
+    def dns(host, *args, **kwargs):
+        if host == "hooks.rebind.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answer["ip"], port))]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    url = f"http://hooks.rebind.example:{port}/hook"
+    from app.services import outbound
+
+    outbound.check_url(url, allow_private=False)  # accepted at submission
+    with db.session() as s:
+        task_id = tasks.submit(
+            s, org.id, tasks.SubmitRequest(type="echo", webhook_url=url), registry=REG
+        ).task.id
+    delivery_id = runner.execute(db, REG, RUN, task_id).delivery_id
+    assert delivery_id is not None
+    answer["ip"] = "127.0.0.1"  # the attacker's DNS now answers loopback
+    with db.session() as s:
+        plan = deliveries.claim_attempt(s, delivery_id, hold_seconds=30)
+    assert plan is not None
+    result = deliveries.send_attempt(plan, timeout=1, allow_private=False)
+    assert result.outcome == "refused" and result.response_status is None
+    with pytest.raises(TimeoutError):
+        canary.accept()
+    canary.close()

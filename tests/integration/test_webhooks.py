@@ -1,0 +1,181 @@
+"""Webhook delivery through real workers to a real receiver, verified with `standardwebhooks`."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+
+import psutil
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from tests.integration.conftest import Api, Receiver, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _deliveries(api: Api, task_id: str) -> list[dict]:
+    r = api.http.get(f"{api.base_url}/v1/tasks/{task_id}/deliveries", timeout=10)
+    assert r.status_code == 200, r.text
+    return list(r.json()["data"])
+
+
+def _wait_delivery(api: Api, task_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    return dict(
+        wait_for(
+            lambda: (d := _deliveries(api, task_id)) and d[0]["status"] in statuses and d[0],
+            timeout,
+            f"delivery of {task_id} to reach {statuses}",
+            interval=0.1,
+        )
+    )
+
+
+def test_signed_full_result_verified_with_old_and_new_secret(
+    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+) -> None:
+    stack = make_stack()
+    stack.web()
+    stack.worker()
+    stack.webhooks_worker()
+    org = new_org(stack)
+    api = Api(stack.base_url, org)
+    old_secret = api.http.get(stack.base_url + "/v1/webhook-secret").json()["secret"]
+    assert old_secret == org.webhook_secret
+    new_secret = api.http.post(stack.base_url + "/v1/webhook-secret/rotate").json()["secret"]
+    assert new_secret.startswith("whsec_") and new_secret != old_secret
+
+    r = api.submit(
+        {
+            "type": "echo",
+            "input": {"n": 1},
+            "metadata": {"order": 7},
+            "webhook": {"url": receiver.url + "/hook"},
+        }
+    )
+    task_id = r.json()["taskId"]
+    delivery = _wait_delivery(api, task_id, {"delivered"})
+    assert len(receiver.received) == 1
+    got = receiver.received[0]
+    for secret in (old_secret, new_secret):  # each receiver holds only one of them
+        event = Webhook(secret).verify(got.body, got.headers)
+    assert got.headers["content-type"] == "application/json"
+    assert got.headers["webhook-id"] == delivery["webhookId"]
+    assert event["type"] == "task.succeeded"
+    task = api.get(task_id)
+    assert task["webhook"] == {"url": receiver.url + "/hook", "status": "delivered", "attempts": 1}
+    sent = event["data"]
+    assert sent["taskId"] == task_id and sent["result"] == {"n": 1} and sent["metadata"] == {"order": 7}
+    assert {k: v for k, v in sent.items() if k != "webhook"} == {
+        k: v for k, v in task.items() if k != "webhook"
+    }
+    attempt = delivery["attempts"][0]
+    assert attempt["attempt"] == 1 and attempt["outcome"] == "delivered" and attempt["responseStatus"] == 200
+
+    # Deliver again on request: same webhook-id, one more attempt.
+    r = api.http.post(f"{stack.base_url}/v1/tasks/{task_id}/deliveries")
+    assert r.status_code == 202
+    wait_for(lambda: len(receiver.received) == 2, 30, "the redelivery")
+    assert receiver.received[1].headers["webhook-id"] == got.headers["webhook-id"]
+
+
+def test_retry_schedule_doubles_and_the_fourth_attempt_lands(
+    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+) -> None:
+    receiver.respond = lambda n: (500 if n <= 3 else 204, {}, b"no" if n <= 3 else b"", 0)
+    stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="0.5")
+    stack.web()
+    stack.worker()
+    stack.webhooks_worker()
+    api = Api(stack.base_url, new_org(stack))
+    task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
+    delivery = _wait_delivery(api, task_id, {"delivered", "failed"})
+    assert delivery["status"] == "delivered"
+    assert [a["outcome"] for a in delivery["attempts"]] == ["http_error"] * 3 + ["delivered"]
+    assert [a["responseStatus"] for a in delivery["attempts"]] == [500, 500, 500, 204]
+    ids = {r.headers["webhook-id"] for r in receiver.received}
+    assert len(ids) == 1
+    times = [r.at for r in receiver.received]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for gap, want in zip(gaps, [0.5, 1.0, 2.0], strict=True):
+        assert want * 0.9 <= gap <= want + 1.5, gaps
+    assert api.get(task_id)["webhook"]["attempts"] == 4
+
+
+@pytest.mark.parametrize(
+    ("status", "attempts", "outcome"),
+    [(500, 5, "http_error"), (410, 1, "gone"), (302, 5, "redirect")],
+)
+def test_failing_receivers_end_failed_after_the_right_number_of_attempts(
+    make_stack: Callable[..., Stack], new_org, receiver: Receiver, status: int, attempts: int, outcome: str
+) -> None:
+    canary = Receiver()
+    receiver.respond = lambda n: (
+        status,
+        {"Location": canary.url + "/elsewhere"} if status == 302 else {},
+        b"x",
+        0,
+    )
+    stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="0.2")
+    stack.web()
+    stack.worker()
+    stack.webhooks_worker()
+    api = Api(stack.base_url, new_org(stack))
+    task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
+    delivery = _wait_delivery(api, task_id, {"failed"}, timeout=60)
+    time.sleep(1.0)  # nothing more arrives after the final attempt
+    assert len(receiver.received) == attempts
+    assert len(delivery["attempts"]) == attempts
+    assert {a["outcome"] for a in delivery["attempts"]} == {outcome}
+    assert canary.received == []  # redirects are never followed
+    canary.close()
+    task = api.get(task_id)
+    assert task["status"] == "succeeded"  # the task's own status is unchanged
+    assert task["webhook"]["status"] == "failed"
+
+
+def test_slow_and_huge_receivers_are_cut_at_the_deadline(
+    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+) -> None:
+    huge = b"z" * (64 * 1024 * 1024)
+    receiver.respond = lambda n: (200, {}, b"late", 5.0) if n == 1 else (200, {}, huge, 0)
+    stack = make_stack(WEBHOOK_TIMEOUT_SECONDS="1", WEBHOOK_RETRY_BASE_SECONDS="0.2")
+    stack.web()
+    stack.worker()
+    hooks = stack.webhooks_worker()
+    api = Api(stack.base_url, new_org(stack))
+
+    def pool_rss() -> int:
+        return sum(c.memory_info().rss for c in psutil.Process(hooks.process.pid).children(recursive=True))
+
+    before = pool_rss()
+    task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
+    delivery = _wait_delivery(api, task_id, {"delivered", "failed"}, timeout=60)
+    first, second = delivery["attempts"]
+    assert first["outcome"] == "timeout" and first["durationMs"] < 1800
+    assert second["outcome"] == "delivered" and second["durationMs"] < 1800
+    assert pool_rss() - before < 32 * 1024 * 1024  # the 64 MiB answer was not read
+
+
+def test_webhook_worker_killed_between_attempts_still_delivers_with_one_id(
+    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+) -> None:
+    receiver.respond = lambda n: (503 if n == 1 else 200, {}, b"", 0)
+    # A long first retry: the countdown message sits in the worker we kill.
+    stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="3", SWEEP_GRACE_SECONDS="1")
+    stack.web()
+    stack.worker()
+    doomed = stack.webhooks_worker()
+    api = Api(stack.base_url, new_org(stack))
+    task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
+    wait_for(lambda: len(receiver.received) == 1, 30, "the first attempt")
+    wait_for(lambda: len(_deliveries(api, task_id)[0]["attempts"]) == 1, 10, "the first attempt's record")
+    doomed.kill_group(signal.SIGKILL)
+    doomed.process.wait(10)
+    stack.beat()
+    stack.webhooks_worker()
+    delivery = _wait_delivery(api, task_id, {"delivered"}, timeout=60)
+    assert [a["attempt"] for a in delivery["attempts"]] == [1, 2]
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
+    assert len(receiver.received) == 2
