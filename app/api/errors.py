@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from app.services.errors import ServiceError
@@ -71,6 +71,18 @@ _HTTP_SLUGS = {
 def init_app(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Response:
+        # Rejections are logged with the organization id, never with the key.
+        log.info(
+            "request rejected",
+            extra={
+                "event": "request.rejected",
+                "organization_id": g.get("organization_id"),
+                "http_status": exc.status,
+                "error": exc.type_slug,
+                "method": request.method,
+                "path": request.path,
+            },
+        )
         return from_service_error(exc)
 
     @app.errorhandler(HTTPException)

@@ -66,6 +66,7 @@ def organization_id() -> str:
         org = organizations.authenticate(s, token.strip())
         if org is None:
             raise Unauthorized("The API key is unknown or revoked.")
+        g.organization_id = org.id
         return org.id
 
 
