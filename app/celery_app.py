@@ -58,6 +58,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": sweep,
                 "options": {"expires": max(sweep * 2, 2.0)},
             },
+            "dispatch": {
+                "task": "waybill.maintenance.dispatch",
+                "schedule": settings.dispatch_interval_seconds,
+                "options": {"expires": max(settings.dispatch_interval_seconds * 2, 2.0)},
+            },
             "reconcile-counters": {
                 "task": "waybill.maintenance.reconcile",
                 "schedule": 60.0,

@@ -64,6 +64,8 @@ def cmd_org_limits(args: argparse.Namespace, settings: Settings) -> int:
         org = organizations.set_limits(
             s, args.org_id, queue_limit=args.queue_limit, concurrency_limit=args.concurrency_limit
         )
+        if args.concurrency_limit is not None:
+            _tell_dispatcher(settings, org.id, args.concurrency_limit)
         out = {
             "organizationId": org.id,
             "queueLimit": org.queue_limit,
@@ -71,6 +73,23 @@ def cmd_org_limits(args: argparse.Namespace, settings: Settings) -> int:
         }
     _print(out)
     return 0
+
+
+def _tell_dispatcher(settings: Settings, org_id: str, limit: int) -> None:
+    """The dispatcher reads concurrency limits from Redis; SQL stays the record."""
+    import redis
+
+    from app.services.dispatch import Dispatcher
+
+    try:
+        client = redis.Redis.from_url(settings.resolved_redis_url(), socket_connect_timeout=2)
+        Dispatcher(client).set_concurrency_limit(org_id, limit)
+    except (RuntimeError, redis.RedisError) as exc:
+        print(
+            f"waybill: saved; the dispatcher picks the new limit up at the organization's next "
+            f"submission (Redis not reachable now: {type(exc).__name__})",
+            file=sys.stderr,
+        )
 
 
 def cmd_key_create(args: argparse.Namespace, settings: Settings) -> int:

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
 from flask import Flask
 
 from app.db import Database
-from app.services.dispatch import Publisher
+from app.services.dispatch import Dispatcher, DispatchSettings, Publisher
 from app.services.task_types import Registry
 from config import Settings
 
@@ -18,6 +19,34 @@ class Waybill:
     db: Database
     registry: Registry
     publisher: Publisher
+    redis_client: redis.Redis | None = None
+    _dispatcher: Dispatcher | None = None
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self.redis_client is None:
+            # Short timeouts: a Redis that is down must not hold a request;
+            # what could not reach Redis is recovered by the sweep.
+            self.redis_client = redis.Redis.from_url(
+                self.settings.resolved_redis_url(),
+                socket_connect_timeout=2,
+                socket_timeout=5,
+                health_check_interval=30,
+            )
+        return self.redis_client
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            s = self.settings
+            self._dispatcher = Dispatcher(
+                self.redis,
+                DispatchSettings(
+                    queue_target=s.dispatch_queue_target,
+                    release_lease_seconds=s.dispatch_release_lease_seconds,
+                ),
+            )
+        return self._dispatcher
 
 
 def create_app(
@@ -26,6 +55,7 @@ def create_app(
     db: Database | None = None,
     registry: Registry | None = None,
     publisher: Publisher | None = None,
+    redis_client: redis.Redis | None = None,
 ) -> Flask:
     """The Flask app with its Celery app bound to it (``app.extensions["celery"]``).
 
@@ -48,6 +78,7 @@ def create_app(
         db=db or Database(settings.resolved_database_url()),
         registry=registry or Registry.from_entry_points(),
         publisher=publisher or CeleryPublisher(celery),
+        redis_client=redis_client,
     )
     register_api(flask_app)
     return flask_app

@@ -47,8 +47,12 @@ class Settings:
     # webhook attempt whose message is this late, is published again.
     sweep_interval_seconds: float = 5.0
     sweep_grace_seconds: float = 10.0
-    republish_after_seconds: float = 900.0
-    publish_timeout_seconds: float = 2.0
+    # Fair dispatch: Celery `tasks` messages kept ready for the workers (about
+    # 2x the worker slots), how long a released task may wait for a worker
+    # before it is released again, and how often beat runs a dispatch step.
+    dispatch_queue_target: int = 8
+    dispatch_release_lease_seconds: float = 300.0
+    dispatch_interval_seconds: float = 1.0
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     flower_port: int = 5555

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fakeredis
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -100,8 +101,13 @@ def publisher() -> RecordingPublisher:
 
 
 @pytest.fixture
-def app(settings: Settings, db: Database, publisher: RecordingPublisher) -> Flask:
-    return create_app(settings, db=db, publisher=publisher)
+def fake_redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def app(settings: Settings, db: Database, publisher: RecordingPublisher, fake_redis: fakeredis.FakeRedis) -> Flask:
+    return create_app(settings, db=db, publisher=publisher, redis_client=fake_redis)
 
 
 @pytest.fixture

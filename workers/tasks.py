@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import redis
 from celery import shared_task
 from flask import current_app
 
 from app.factory import Waybill
 from app.services import deliveries, runner, sweep
-from app.services.dispatch import dispatch_delivery, dispatch_task
+from app.services.dispatch import dispatch_delivery, dispatch_step, enqueue_from_sql, rebuild
 
 log = logging.getLogger("waybill.worker")
 
@@ -32,8 +34,15 @@ def run_task(task_id: str) -> str:
             allow_private_targets=s.fetch_allow_private,
         ),
         task_id,
+        wb.dispatcher,
     )
     dispatch_delivery(wb.publisher, outcome.delivery_id)
+    if outcome.release:
+        # If Redis is away the lease expires; the claim then finds the task final and lets go.
+        with contextlib.suppress(redis.RedisError):
+            wb.dispatcher.release(task_id)
+    # Refill the freed slot at once rather than at the next beat.
+    dispatch_step(wb.dispatcher, wb.publisher)
     return outcome.status or "skipped"
 
 
@@ -72,15 +81,16 @@ def deliver_webhook(delivery_id: str) -> str:
 def sweep_task() -> dict[str, int]:
     wb = _waybill()
     s = wb.settings
-    with wb.db.session() as session:
-        found = sweep.plan(
-            session,
-            grace_seconds=s.sweep_grace_seconds,
-            republish_after_seconds=s.republish_after_seconds,
-            lease_seconds=s.task_lease_seconds,
+    if not wb.dispatcher.has_epoch():
+        # Redis lost the dispatch state (restarted empty): rebuild it from SQL.
+        rebuilt = rebuild(wb.db, wb.dispatcher)
+        log.warning(
+            "dispatch state rebuilt from SQL", extra={"event": "dispatch.rebuilt", "status": str(rebuilt)}
         )
-    for task_id in found.task_ids:
-        dispatch_task(wb.db, wb.publisher, task_id)
+    with wb.db.session() as session:
+        found = sweep.plan(session, grace_seconds=s.sweep_grace_seconds)
+    enqueue_from_sql(wb.db, wb.dispatcher, found.task_ids)
+    dispatch_step(wb.dispatcher, wb.publisher)
     for delivery_id in found.delivery_ids:
         dispatch_delivery(wb.publisher, delivery_id)
     if found.task_ids or found.delivery_ids:
@@ -92,6 +102,13 @@ def sweep_task() -> dict[str, int]:
             },
         )
     return {"tasks": len(found.task_ids), "webhooks": len(found.delivery_ids)}
+
+
+@shared_task(name="waybill.maintenance.dispatch")
+def dispatch_task_() -> int:
+    """Beat's dispatch step: nothing waits for a trigger that was lost."""
+    wb = _waybill()
+    return dispatch_step(wb.dispatcher, wb.publisher)
 
 
 @shared_task(name="waybill.maintenance.reconcile")

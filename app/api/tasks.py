@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import ValidationError
 
 from app.api.requests import json_body, organization_id, session, waybill
 from app.api.schemas import ListTasksQuery, SubmitTaskSchema
 from app.services import deliveries, tasks
-from app.services.dispatch import dispatch_delivery, dispatch_task
+from app.services.dispatch import dispatch_delivery, dispatch_step, dispatch_task
 from app.services.errors import ValidationFailed, messages_to_errors
 from app.services.representation import represent
 
@@ -78,7 +80,7 @@ def submit_task() -> Response:
             extra={"event": "task.replayed", "task_id": submitted.task.id, "organization_id": org_id},
         )
         return _task_response(representation, 200, **{"Idempotent-Replayed": "true", "Location": location})
-    dispatch_task(wb.db, wb.publisher, submitted.task.id)
+    dispatch_task(wb.db, wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
     log.info(
         "task accepted",
         extra={
@@ -125,9 +127,17 @@ def cancel_task(task_id: str) -> Response:
     with session() as s:
         task, delivery_id, was_running = tasks.cancel(s, org_id, task_id)
         representation = represent(task)
+    # Out of its waiting list, or its slot freed; if Redis is away the
+    # claim refuses the canceled task and the lease expires by itself.
+    with contextlib.suppress(redis.RedisError):
+        wb.dispatcher.release(task_id, org_id)
     if was_running:
-        wb.publisher.revoke(task_id)
+        try:
+            wb.publisher.revoke(task_id)
+        except Exception:  # best effort: its result is discarded anyway
+            log.warning("revoke failed", extra={"event": "task.revoke_failed", "task_id": task_id})
     dispatch_delivery(wb.publisher, delivery_id)
+    dispatch_step(wb.dispatcher, wb.publisher)
     log.info("task canceled", extra={"event": "task.canceled", "task_id": task_id, "organization_id": org_id})
     return jsonify(representation)
 

@@ -1,23 +1,67 @@
-"""How a stored task or webhook attempt reaches a worker.
+"""Fair dispatch: where a task waits, and how it reaches a worker.
 
-This is the only place the web side hands work to the broker, through a
-:class:`Publisher` (Celery in production, a recorder in unit tests). A
-publish that fails after the SQL commit is logged and left to the sweep: the
-task row, not the broker message, is the source of truth.
+SQL is the source of truth for every task; Redis holds the dispatch state,
+which the sweep can rebuild from SQL at any time:
+
+``waybill:waiting:{org}``   list of the organization's waiting task ids, oldest first
+``waybill:known``           set of every task id in some waiting list
+``waybill:ring``            list of organizations with waiting tasks, in serving order
+``waybill:ring:members``    the same organizations, as a set
+``waybill:leases``          zset task id -> lease expiry (ms) of every released task
+``waybill:leases:{org}``    the same, per organization: its ZCARD is its running count
+``waybill:lease:org``       hash task id -> organization
+``waybill:climit``          hash organization -> concurrency limit
+``waybill:epoch``           present while the state above is whole; gone = Redis lost it
+
+A *step* (one Lua script, atomic) first puts the tasks of expired leases back at
+the front of their organization's waiting list, then takes organizations from
+the ring in turn, skips those at their concurrency limit, pops one task of each
+and leases it, until the Celery ``tasks`` queue holds ``queue_target``
+messages. The caller publishes ``tasks.run`` for each released id. Order is
+therefore decided here, not in a long Celery queue: a newcomer waits about one
+turn of the ring, not behind another organization's backlog.
+
+Every crash between steps is covered: a released task whose message was never
+published (or was lost) comes back when its lease expires; a task that never
+entered Redis is enqueued by the sweep from ``dispatched_at IS NULL``; and a
+Redis that lost everything (no ``waybill:epoch``) is rebuilt from SQL.
+The web side touches Celery only through :func:`dispatch_task`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from sqlalchemy import update
+import redis
+from sqlalchemy import select, update
 
 from app.db import Database
-from app.models import Task, TaskStatus
+from app.models import Organization, Task, TaskStatus
 from app.models.base import utcnow
 
 log = logging.getLogger("waybill.dispatch")
+
+P = "waybill:"
+RING = P + "ring"
+RING_MEMBERS = P + "ring:members"
+KNOWN = P + "known"
+LEASES = P + "leases"
+LEASE_ORG = P + "lease:org"
+CLIMIT = P + "climit"
+EPOCH = P + "epoch"
+CELERY_TASKS_QUEUE = "tasks"  # kombu's Redis transport keeps a queue in a list of its name
+
+
+def waiting_key(org_id: str) -> str:
+    return f"{P}waiting:{org_id}"
+
+
+def leases_key(org_id: str) -> str:
+    return f"{P}leases:{org_id}"
 
 
 class Publisher(Protocol):
@@ -28,22 +72,212 @@ class Publisher(Protocol):
     def revoke(self, task_id: str) -> None: ...
 
 
-def dispatch_task(db: Database, publisher: Publisher, task_id: str) -> bool:
-    """Publish ``tasks.run(task_id)`` and note when; False leaves it to the sweep."""
+# KEYS: waiting, known, org leases, ring, ring members, climit
+# ARGV: org, task, concurrency limit, "1" to put it at the front
+_ENQUEUE = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then return 0 end
+if redis.call('ZSCORE', KEYS[3], ARGV[2]) then return 0 end
+if ARGV[4] == '1' then
+  redis.call('LPUSH', KEYS[1], ARGV[2])
+else
+  redis.call('RPUSH', KEYS[1], ARGV[2])
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[6], ARGV[1], ARGV[3])
+if redis.call('SADD', KEYS[5], ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[4], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: ring, ring members, known, climit, leases, lease:org, celery tasks queue
+# ARGV: now ms, lease ms, queue target, max release, key prefix
+_STEP = """
+local now = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local prefix = ARGV[5]
+local function requeue(org, task)
+  redis.call('LPUSH', prefix .. 'waiting:' .. org, task)
+  redis.call('SADD', KEYS[3], task)
+  if redis.call('SADD', KEYS[2], org) == 1 then
+    redis.call('RPUSH', KEYS[1], org)
+  end
+end
+-- Leases that expired: their worker died or their message was lost.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 1000)
+for i = #expired, 1, -1 do
+  local task = expired[i]
+  local org = redis.call('HGET', KEYS[6], task)
+  redis.call('ZREM', KEYS[5], task)
+  redis.call('HDEL', KEYS[6], task)
+  if org then
+    redis.call('ZREM', prefix .. 'leases:' .. org, task)
+    requeue(org, task)
+  end
+end
+local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[7])
+local maxr = tonumber(ARGV[4])
+local released = {}
+local n = redis.call('LLEN', KEYS[1])
+local idle = 0
+while room > 0 and #released < maxr and n > 0 and idle < n do
+  local org = redis.call('LMOVE', KEYS[1], KEYS[1], 'LEFT', 'RIGHT')
+  local wk = prefix .. 'waiting:' .. org
+  local lk = prefix .. 'leases:' .. org
+  local limit = tonumber(redis.call('HGET', KEYS[4], org) or '1')
+  local got = false
+  if redis.call('ZCARD', lk) < limit then
+    local task = redis.call('LPOP', wk)
+    if task then
+      redis.call('SREM', KEYS[3], task)
+      redis.call('ZADD', lk, now + lease, task)
+      redis.call('ZADD', KEYS[5], now + lease, task)
+      redis.call('HSET', KEYS[6], task, org)
+      released[#released + 1] = task
+      room = room - 1
+      got = true
+    end
+  end
+  if redis.call('LLEN', wk) == 0 then
+    redis.call('LREM', KEYS[1], -1, org)
+    redis.call('SREM', KEYS[2], org)
+    n = n - 1
+  end
+  if got then idle = 0 else idle = idle + 1 end
+end
+return released
+"""
+
+# KEYS: leases, lease:org; ARGV: task, expiry ms. Only extends a lease that exists.
+_RENEW = """
+local org = redis.call('HGET', KEYS[2], ARGV[1])
+if not org then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[1])
+redis.call('ZADD', ARGV[3] .. 'leases:' .. org, 'XX', ARGV[2], ARGV[1])
+return 1
+"""
+
+# KEYS: leases, lease:org, known; ARGV: task, prefix, org (for a waiting task)
+_RELEASE = """
+local org = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if org then redis.call('ZREM', ARGV[2] .. 'leases:' .. org, ARGV[1]) end
+if redis.call('SREM', KEYS[3], ARGV[1]) == 1 and ARGV[3] ~= '' then
+  redis.call('LREM', ARGV[2] .. 'waiting:' .. ARGV[3], 1, ARGV[1])
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    queue_target: int = 8  # Celery `tasks` messages kept ready for the workers
+    release_lease_seconds: float = 300.0  # a released task's lease until a worker claims it
+    max_release: int = 100
+
+
+class Dispatcher:
+    """The Redis side of dispatch; every decision is one atomic script."""
+
+    def __init__(self, client: redis.Redis, settings: DispatchSettings | None = None) -> None:
+        self.redis = client
+        self.settings = settings or DispatchSettings()
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._step = client.register_script(_STEP)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def enqueue(self, org_id: str, task_id: str, concurrency_limit: int, *, front: bool = False) -> bool:
+        """Append a task to its organization's waiting list (no-op if it waits or is leased)."""
+        keys = [waiting_key(org_id), KNOWN, leases_key(org_id), RING, RING_MEMBERS, CLIMIT]
+        return bool(
+            self._enqueue(keys=keys, args=[org_id, task_id, concurrency_limit, "1" if front else "0"])
+        )
+
+    def step(self, now: float | None = None) -> list[str]:
+        """Release tasks in fair order while the Celery queue has room; returns their ids."""
+        now_ms = int((now if now is not None else time.time()) * 1000)
+        keys = [RING, RING_MEMBERS, KNOWN, CLIMIT, LEASES, LEASE_ORG, CELERY_TASKS_QUEUE]
+        args: list[str | int] = [
+            now_ms,
+            int(self.settings.release_lease_seconds * 1000),
+            self.settings.queue_target,
+            self.settings.max_release,
+            P,
+        ]
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in self._step(keys=keys, args=args)]
+
+    def renew(self, task_id: str, lease_seconds: float) -> bool:
+        expiry = int((time.time() + lease_seconds) * 1000)
+        return bool(self._renew(keys=[LEASES, LEASE_ORG], args=[task_id, expiry, P]))
+
+    def release(self, task_id: str, org_id: str = "") -> None:
+        """Forget a task: free its slot, or take it out of its waiting list."""
+        self._release(keys=[LEASES, LEASE_ORG, KNOWN], args=[task_id, P, org_id])
+
+    def set_concurrency_limit(self, org_id: str, limit: int) -> None:
+        self.redis.hset(CLIMIT, org_id, limit)
+
+    def running(self, org_id: str) -> int:
+        return int(self.redis.zcard(leases_key(org_id)))
+
+    def has_epoch(self) -> bool:
+        return bool(self.redis.exists(EPOCH))
+
+    def mark_epoch(self) -> None:
+        self.redis.set(EPOCH, str(time.time()))
+
+
+def publish_released(publisher: Publisher, task_ids: Iterable[str]) -> int:
+    """Publish ``tasks.run`` for released tasks; a failed publish comes back at lease expiry."""
+    sent = 0
+    for task_id in task_ids:
+        try:
+            publisher.run_task(task_id)
+            sent += 1
+        except Exception as exc:
+            log.warning(
+                "publish failed; the task is released again when its lease expires",
+                extra={"event": "task.publish_failed", "task_id": task_id, "error": type(exc).__name__},
+            )
+    return sent
+
+
+def dispatch_step(dispatcher: Dispatcher, publisher: Publisher) -> int:
+    """One step and its publishes; errors are logged (beat runs another step in a second)."""
     try:
-        publisher.run_task(task_id)
-    except Exception as exc:  # any broker failure: the sweep publishes it later
+        released = dispatcher.step()
+    except redis.RedisError as exc:
+        log.warning("dispatch step failed", extra={"event": "dispatch.failed", "error": type(exc).__name__})
+        return 0
+    return publish_released(publisher, released)
+
+
+def dispatch_task(
+    db: Database,
+    dispatcher: Dispatcher,
+    publisher: Publisher,
+    task_id: str,
+    org_id: str,
+    concurrency_limit: int,
+) -> bool:
+    """Hand a committed task to dispatch; False leaves it to the sweep (``dispatched_at`` stays empty)."""
+    try:
+        dispatcher.enqueue(org_id, task_id, concurrency_limit)
+    except redis.RedisError as exc:
         log.warning(
-            "publish failed; the sweep will publish the task",
-            extra={"event": "task.publish_failed", "task_id": task_id, "error": type(exc).__name__},
+            "enqueue failed; the sweep will enqueue the task",
+            extra={"event": "task.enqueue_failed", "task_id": task_id, "error": type(exc).__name__},
         )
         return False
     with db.session() as session:
         session.execute(
             update(Task)
-            .where(Task.id == task_id, Task.status.in_([TaskStatus.QUEUED, TaskStatus.RUNNING]))
+            .where(Task.id == task_id, Task.status == TaskStatus.QUEUED.value)
             .values(dispatched_at=utcnow())
         )
+    dispatch_step(dispatcher, publisher)
     return True
 
 
@@ -56,11 +290,60 @@ def dispatch_delivery(publisher: Publisher, delivery_id: str | None, countdown: 
     except Exception as exc:
         log.warning(
             "publish failed; the sweep will send the webhook",
-            extra={
-                "event": "webhook.publish_failed",
-                "webhook_id": delivery_id,
-                "error": type(exc).__name__,
-            },
+            extra={"event": "webhook.publish_failed", "webhook_id": delivery_id, "error": type(exc).__name__},
         )
         return False
     return True
+
+
+def enqueue_from_sql(db: Database, dispatcher: Dispatcher, task_ids: Iterable[str]) -> int:
+    """Put tasks that SQL says are waiting (or whose run died) back into dispatch, at the front."""
+    ids = list(task_ids)
+    if not ids:
+        return 0
+    with db.session() as session:
+        rows = session.execute(
+            select(Task.id, Task.organization_id, Organization.concurrency_limit)
+            .join(Organization, Organization.id == Task.organization_id)
+            .where(Task.id.in_(ids))
+            .order_by(Task.id.desc())  # LPUSH one by one: the oldest ends up first
+        ).all()
+    added = 0
+    for task_id, org_id, limit in rows:
+        added += dispatcher.enqueue(org_id, task_id, limit, front=True)
+    if rows:
+        with db.session() as session:
+            session.execute(
+                update(Task)
+                .where(Task.id.in_([r[0] for r in rows]), Task.dispatched_at.is_(None))
+                .values(dispatched_at=utcnow())
+            )
+    return added
+
+
+def rebuild(db: Database, dispatcher: Dispatcher, *, batch: int = 5000) -> int:
+    """Rebuild the dispatch state from SQL after Redis lost it; returns the tasks enqueued."""
+    count = 0
+    last = ""
+    while True:
+        with db.session() as session:
+            rows: list[Any] = list(
+                session.execute(
+                    select(Task.id, Task.organization_id, Organization.concurrency_limit)
+                    .join(Organization, Organization.id == Task.organization_id)
+                    .where(
+                        Task.status.in_([TaskStatus.QUEUED.value, TaskStatus.RUNNING.value]), Task.id > last
+                    )
+                    .order_by(Task.id)
+                    .limit(batch)
+                ).all()
+            )
+        if not rows:
+            break
+        pipe_count = 0
+        for task_id, org_id, limit in rows:
+            pipe_count += dispatcher.enqueue(org_id, task_id, limit)
+        count += pipe_count
+        last = rows[-1][0]
+    dispatcher.mark_epoch()
+    return count

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import redis
+
 from app.db import Database
 from app.models.base import utcnow
 from app.services import tasks
+from app.services.dispatch import Dispatcher
 from app.services.task_types import Registry, TaskContext, TaskError
 
 log = logging.getLogger("waybill.runner")
@@ -32,13 +35,18 @@ class RunOutcome:
     recorded: bool
     delivery_id: str | None = None
     status: str | None = None
+    # False only when another live run holds the task: its slot is not ours to free.
+    release: bool = True
 
 
 class _Heartbeat:
     """Renews the run's lease every third of its length while the handler runs."""
 
-    def __init__(self, db: Database, task_id: str, attempt: int, lease_seconds: float) -> None:
-        self.db, self.task_id, self.attempt, self.lease = db, task_id, attempt, lease_seconds
+    def __init__(
+        self, db: Database, dispatcher: Dispatcher | None, task_id: str, attempt: int, lease_seconds: float
+    ) -> None:
+        self.db, self.dispatcher = db, dispatcher
+        self.task_id, self.attempt, self.lease = task_id, attempt, lease_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{task_id}", daemon=True)
 
@@ -57,11 +65,20 @@ class _Heartbeat:
                     until = utcnow() + timedelta(seconds=self.lease)
                     if not tasks.renew_lease(session, self.task_id, self.attempt, until):
                         return  # canceled or taken over: nothing left to renew
+                if self.dispatcher is not None:
+                    _quietly(self.dispatcher.renew, self.task_id, self.lease)
             except Exception:  # a database blip: try again at the next beat
                 log.warning("lease renewal failed", extra={"task_id": self.task_id})
 
 
-def execute(db: Database, registry: Registry, settings: RunSettings, task_id: str) -> RunOutcome:
+def execute(
+    db: Database,
+    registry: Registry,
+    settings: RunSettings,
+    task_id: str,
+    dispatcher: Dispatcher | None = None,
+) -> RunOutcome:
+    """Run the task once if it is ours to run; the caller frees its slot when ``release``."""
     with db.session() as session:
         claim = tasks.claim(
             session,
@@ -72,7 +89,10 @@ def execute(db: Database, registry: Registry, settings: RunSettings, task_id: st
         task = claim.task
         if task is None:
             return RunOutcome(
-                ran=False, recorded=claim.delivery_id is not None, delivery_id=claim.delivery_id
+                ran=False,
+                recorded=claim.delivery_id is not None,
+                delivery_id=claim.delivery_id,
+                release=claim.reason != "busy",
             )
         attempt = claim.attempt
         task_type = registry.get(task.type)
@@ -89,7 +109,10 @@ def execute(db: Database, registry: Registry, settings: RunSettings, task_id: st
     )
     result: Any = None
     error: tuple[str, str] | None = None
-    with _Heartbeat(db, task_id, attempt, settings.lease_seconds):
+    if dispatcher is not None:
+        # From the release lease (waiting for a worker) to the run's lease.
+        _quietly(dispatcher.renew, task_id, settings.lease_seconds)
+    with _Heartbeat(db, dispatcher, task_id, attempt, settings.lease_seconds):
         if task_type is None:
             error = ("unknown_type", f"No handler is installed for task type {task.type!r}.")
         else:
@@ -126,3 +149,14 @@ def _check_result(result: Any) -> tuple[str, str] | None:
     if size > MAX_RESULT_BYTES:
         return ("result_too_large", "The handler's result is larger than 4 MiB.")
     return None
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    """Redis being briefly away must not fail a run: the lease is renewed again at the next beat."""
+    try:
+        fn(*args)
+    except redis.RedisError as exc:
+        log.warning(
+            "dispatch lease renewal failed",
+            extra={"event": "lease.renew_failed", "error": type(exc).__name__},
+        )

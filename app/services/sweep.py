@@ -2,17 +2,18 @@
 
 Beat triggers it every ``SWEEP_INTERVAL_SECONDS``. It finds, from SQL alone:
 
-* tasks ``queued`` whose message never reached the broker (publish failed
-  after the commit, or the web process died in between);
-* tasks ``queued`` whose message was published long ago and may have been lost
-  with the broker's data;
-* tasks ``running`` whose lease expired (their worker died) -- the next claim
-  retries them or, after the last attempt, fails them;
+* tasks ``queued`` that never entered dispatch (Redis was down after the
+  commit, or the web process died in between);
+* tasks ``running`` whose lease expired (their worker died) -- they go back
+  to dispatch, and the next claim retries them or, after the last attempt,
+  fails them;
 * webhook deliveries ``pending`` whose next attempt is overdue (the countdown
   message was lost with a worker or the broker).
 
-Publishing twice is harmless: claims are conditional, so a duplicate message
-finds nothing to do.
+Enqueueing or publishing twice is harmless: enqueue skips a task that already
+waits or is leased, and claims are conditional, so a duplicate message finds
+nothing to do. A Redis that lost its data is rebuilt from SQL
+(:func:`app.services.dispatch.rebuild`).
 """
 
 from __future__ import annotations
@@ -39,29 +40,21 @@ def plan(
     session: Session,
     *,
     grace_seconds: float,
-    republish_after_seconds: float,
-    lease_seconds: float,
     now: datetime | None = None,
 ) -> SweepPlan:
     now = now or utcnow()
     grace = now - timedelta(seconds=grace_seconds)
-    stale = now - timedelta(seconds=republish_after_seconds)
-    lease_ago = now - timedelta(seconds=lease_seconds)
     out = SweepPlan()
     never_published = select(Task.id).where(
         Task.status == TaskStatus.QUEUED.value,
         Task.dispatched_at.is_(None),
         Task.created_at < grace,
     )
-    published_long_ago = select(Task.id).where(
-        Task.status == TaskStatus.QUEUED.value, Task.dispatched_at < stale
-    )
     lease_expired = select(Task.id).where(
         Task.status == TaskStatus.RUNNING.value,
-        Task.lease_expires_at < now,
-        or_(Task.dispatched_at.is_(None), Task.dispatched_at < lease_ago),
+        Task.lease_expires_at < grace,
     )
-    for query in (never_published, published_long_ago, lease_expired):
+    for query in (never_published, lease_expired):
         out.task_ids.extend(session.execute(query.limit(BATCH)).scalars())
     overdue = (
         select(WebhookDelivery.id)

@@ -71,6 +71,7 @@ class SubmitRequest:
 class Submitted:
     task: Task
     created: bool  # False: an idempotent replay of an earlier submission
+    concurrency_limit: int = 0  # the organization's, for dispatch
 
 
 def submit(
@@ -102,7 +103,9 @@ def submit(
         # A savepoint, so that losing an idempotency race undoes the credit
         # reservation and queue place taken below as well.
         with session.begin_nested():
-            task = _insert(session, organization_id, req, task_input, fingerprint, cost, now, request_id)
+            task, concurrency_limit = _insert(
+                session, organization_id, req, task_input, fingerprint, cost, now, request_id
+            )
     except IntegrityError:
         # Another request claimed this idempotency key first and has
         # committed (the unique index made us wait for it): replay it.
@@ -112,7 +115,7 @@ def submit(
         if existing is None:
             raise
         return _replay(existing, req.idempotency_key, fingerprint)
-    return Submitted(task=task, created=True)
+    return Submitted(task=task, created=True, concurrency_limit=concurrency_limit)
 
 
 def _insert(
@@ -124,21 +127,20 @@ def _insert(
     cost: int,
     now: datetime,
     request_id: str | None,
-) -> Task:
+) -> tuple[Task, int]:
     # One conditional update checks both limits and takes both the credits
     # and the queue place: exact under any concurrency, O(1) at any backlog.
-    taken = rowcount(
-        session.execute(
-            update(Organization)
-            .where(
-                Organization.id == organization_id,
-                Organization.credits >= cost,
-                Organization.queued < Organization.queue_limit,
-            )
-            .values(credits=Organization.credits - cost, queued=Organization.queued + 1)
+    taken = session.execute(
+        update(Organization)
+        .where(
+            Organization.id == organization_id,
+            Organization.credits >= cost,
+            Organization.queued < Organization.queue_limit,
         )
-    )
-    if taken != 1:
+        .values(credits=Organization.credits - cost, queued=Organization.queued + 1)
+        .returning(Organization.concurrency_limit)
+    ).first()
+    if taken is None:
         org = session.get(Organization, organization_id, populate_existing=True)
         assert org is not None
         if org.credits < cost:
@@ -175,7 +177,7 @@ def _insert(
             )
         )
     session.flush()
-    return task
+    return task, int(taken[0])
 
 
 def _by_idempotency_key(session: Session, organization_id: str, key: str) -> Task | None:
@@ -265,6 +267,9 @@ class Claim:
     task: Task | None  # set when this run may execute the handler
     attempt: int = 0
     delivery_id: str | None = None  # set when the claim itself finished the task
+    # Without a task: "gone" (missing or final: forget it) or "busy" (another
+    # run holds a live lease: leave its slot alone).
+    reason: str = ""
 
 
 def _lock_task(session: Session, task_id: str) -> Task | None:
@@ -299,7 +304,7 @@ def claim(
     now = now or utcnow()
     task = _lock_task(session, task_id)
     if task is None:
-        return Claim(task=None)
+        return Claim(task=None, reason="gone")
     if task.status == TaskStatus.QUEUED:
         org = _lock_org(session, task.organization_id)
         org.queued -= 1
@@ -322,9 +327,11 @@ def claim(
                 ),
                 now=now,
             )
-            return Claim(task=None, delivery_id=delivery_id)
+            return Claim(task=None, delivery_id=delivery_id, reason="gone")
+    elif task.status == TaskStatus.RUNNING:
+        return Claim(task=None, reason="busy")
     else:
-        return Claim(task=None)
+        return Claim(task=None, reason="gone")
     task.status = TaskStatus.RUNNING.value
     task.attempts += 1
     task.started_at = task.started_at or now

@@ -43,7 +43,9 @@ def _ledger(stack: Stack, org_id: str) -> tuple[int, int, Counter[str]]:
         org = s.get(Organization, org_id)
         assert org is not None
         total = s.execute(
-            select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(CreditEntry.organization_id == org_id)
+            select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
+                CreditEntry.organization_id == org_id
+            )
         ).scalar_one()
         kinds = Counter(
             dict(
@@ -101,7 +103,9 @@ def test_idempotency_keys_race_to_exactly_one_task_and_one_charge_each(
     stack.web()
     org = new_org(stack, credits=10_000)
     bodies = [
-        {"type": "echo", "input": {"key": k}, "idempotencyKey": f"key-{k}"} for _ in range(20) for k in range(100)
+        {"type": "echo", "input": {"key": k}, "idempotencyKey": f"key-{k}"}
+        for _ in range(20)
+        for k in range(100)
     ]
     responses = _post_many(stack, org.api_key, bodies)
     codes = Counter(r.status_code for r in responses)
@@ -122,5 +126,7 @@ def test_idempotency_keys_race_to_exactly_one_task_and_one_charge_each(
         timeout=10,
     )
     assert changed.status_code == 422
-    found = requests.get(stack.base_url + "/v1/tasks?idempotencyKey=key-1", headers=org.headers, timeout=10).json()
+    found = requests.get(
+        stack.base_url + "/v1/tasks?idempotencyKey=key-1", headers=org.headers, timeout=10
+    ).json()
     assert [t["taskId"] for t in found["data"]] == list(by_key["key-1"])

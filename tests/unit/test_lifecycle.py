@@ -179,26 +179,19 @@ def test_lease_renewal_only_for_the_current_attempt(db: Database, org: Org) -> N
         assert not tasks.renew_lease(s, task_id, 2, utcnow() + timedelta(seconds=60))
 
 
-def test_sweep_finds_unpublished_stale_and_lease_expired_tasks(db: Database, org: Org) -> None:
+def test_sweep_finds_never_dispatched_and_lease_expired_tasks(db: Database, org: Org) -> None:
     never = _submit(db, org)
-    published = _submit(db, org)
+    dispatched = _submit(db, org)
     running = _submit(db, org)
     now = utcnow()
     with db.session() as s:
-        s.get(Task, published).dispatched_at = now  # type: ignore[union-attr]
+        s.get(Task, dispatched).dispatched_at = now  # type: ignore[union-attr]
         tasks.claim(s, running, lease_seconds=5, max_attempts=3, now=now)
-        s.get(Task, running).dispatched_at = now  # type: ignore[union-attr]
     with db.session() as s:
-        early = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=now)
-    assert early.task_ids == []
-    later = now + timedelta(seconds=11)
+        assert sweep.plan(s, grace_seconds=10, now=now).task_ids == []
     with db.session() as s:
-        found = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=later)
+        found = sweep.plan(s, grace_seconds=10, now=now + timedelta(seconds=16))
     assert set(found.task_ids) == {never, running}
-    much_later = now + timedelta(seconds=601)
-    with db.session() as s:
-        found = sweep.plan(s, grace_seconds=10, republish_after_seconds=600, lease_seconds=5, now=much_later)
-    assert published in found.task_ids
 
 
 def test_reconcile_heals_drifted_counters(db: Database, org: Org) -> None:

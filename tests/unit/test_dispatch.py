@@ -1,0 +1,126 @@
+"""The fair dispatcher's Redis scripts, on fakeredis (with Lua)."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from app.db import Database
+from app.models import Task
+from app.services import dispatch, tasks
+from app.services.dispatch import CELERY_TASKS_QUEUE, Dispatcher, DispatchSettings
+from app.services.task_types import Registry
+from tests.conftest import Org, RecordingPublisher, make_org
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+def make(r: fakeredis.FakeRedis, target: int = 100, lease: float = 300) -> Dispatcher:
+    return Dispatcher(r, DispatchSettings(queue_target=target, release_lease_seconds=lease))
+
+
+def test_organizations_are_served_in_turn(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    for i in range(50):
+        d.enqueue("A", f"a{i}", 100)
+    for i in range(3):
+        d.enqueue("B", f"b{i}", 100)
+    d.enqueue("C", "c0", 100)
+    released = d.step()
+    assert released[:7] == ["a0", "b0", "c0", "a1", "b1", "a2", "b2"]
+    assert released[7:] == [f"a{i}" for i in range(3, 50)]
+
+
+def test_a_newcomer_waits_one_turn_not_the_backlog(r: fakeredis.FakeRedis) -> None:
+    d = make(r, target=2)
+    for i in range(1000):
+        d.enqueue("A", f"a{i}", 100)
+    assert d.step() == ["a0", "a1"]
+    r.rpush(CELERY_TASKS_QUEUE, "m1", "m2")  # the two messages wait in Celery's queue
+    d.enqueue("B", "b0", 100)
+    assert d.step() == []  # the Celery queue is at its target: nothing more is released
+    r.lpop(CELERY_TASKS_QUEUE, 2)  # the workers took both
+    assert d.step() == ["a2", "b0"]  # one turn of the ring, not A's 997 waiting tasks
+
+
+def test_concurrency_limit_counts_unexpired_leases(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    for i in range(5):
+        d.enqueue("A", f"a{i}", 2)
+    assert d.step() == ["a0", "a1"]
+    assert d.step() == []
+    assert d.running("A") == 2
+    d.release("a0")
+    assert d.step() == ["a2"]
+
+
+def test_an_expired_lease_puts_the_task_back_in_front(r: fakeredis.FakeRedis) -> None:
+    d = make(r, lease=10)
+    for i in range(3):
+        d.enqueue("A", f"a{i}", 1)
+    now = time.time()
+    assert d.step(now) == ["a0"]
+    assert d.step(now + 5) == []  # a0's lease is live: the slot is taken
+    assert d.step(now + 11) == ["a0"]  # its worker died: released again, before a1
+    assert d.renew("a0", 60)
+    assert d.step(now + 25) == []  # renewed by the run's heartbeat
+
+
+def test_enqueue_is_idempotent_and_release_removes_a_waiting_task(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    assert d.enqueue("A", "a0", 5)
+    assert not d.enqueue("A", "a0", 5)
+    d.enqueue("A", "a1", 5)
+    assert d.step() == ["a0", "a1"]
+    assert not d.enqueue("A", "a0", 5)  # leased: not enqueued twice
+    d.enqueue("A", "a2", 5)
+    d.release("a2", "A")  # canceled while waiting
+    assert d.step() == []
+    assert r.llen(dispatch.RING) == 0
+
+
+def test_rebuild_restores_waiting_tasks_from_sql(db: Database, org: Org, r: fakeredis.FakeRedis) -> None:
+    other = make_org(db, "other")
+    registry = Registry.from_entry_points()
+    ids = []
+    for who in (org, other, org):
+        with db.session() as s:
+            ids.append(tasks.submit(s, who.id, tasks.SubmitRequest(type="echo"), registry=registry).task.id)
+    d = make(r)
+    assert not d.has_epoch()
+    assert dispatch.rebuild(db, d) == 3
+    assert d.has_epoch()
+    assert sorted(d.step()) == sorted(ids)
+
+
+def test_dispatch_task_enqueues_steps_publishes_and_marks(
+    db: Database, org: Org, r: fakeredis.FakeRedis, publisher: RecordingPublisher
+) -> None:
+    d = make(r)
+    with db.session() as s:
+        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+    assert dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, submitted.concurrency_limit)
+    assert publisher.tasks == [submitted.task.id]
+    with db.session() as s:
+        assert s.get(Task, submitted.task.id).dispatched_at is not None  # type: ignore[union-attr]
+
+
+def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
+    db: Database, org: Org, publisher: RecordingPublisher
+) -> None:
+    server = fakeredis.FakeServer()
+    server.connected = False
+    d = make(fakeredis.FakeRedis(server=server))
+    with db.session() as s:
+        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+    assert not dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, 10)
+    with db.session() as s:
+        assert s.get(Task, submitted.task.id).dispatched_at is None  # type: ignore[union-attr]
+    server.connected = True
+    assert dispatch.enqueue_from_sql(db, d, [submitted.task.id]) == 1
+    assert d.step() == [submitted.task.id]
