@@ -106,7 +106,9 @@ def fake_redis() -> fakeredis.FakeRedis:
 
 
 @pytest.fixture
-def app(settings: Settings, db: Database, publisher: RecordingPublisher, fake_redis: fakeredis.FakeRedis) -> Flask:
+def app(
+    settings: Settings, db: Database, publisher: RecordingPublisher, fake_redis: fakeredis.FakeRedis
+) -> Flask:
     return create_app(settings, db=db, publisher=publisher, redis_client=fake_redis)
 
 

@@ -103,7 +103,9 @@ def test_dispatch_task_enqueues_steps_publishes_and_marks(
 ) -> None:
     d = make(r)
     with db.session() as s:
-        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+        submitted = tasks.submit(
+            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
+        )
     assert dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, submitted.concurrency_limit)
     assert publisher.tasks == [submitted.task.id]
     with db.session() as s:
@@ -117,7 +119,9 @@ def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
     server.connected = False
     d = make(fakeredis.FakeRedis(server=server))
     with db.session() as s:
-        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+        submitted = tasks.submit(
+            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
+        )
     assert not dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, 10)
     with db.session() as s:
         assert s.get(Task, submitted.task.id).dispatched_at is None  # type: ignore[union-attr]
