@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         "--workers",
         str(settings.web_concurrency),
         "--threads",
-        "4",
+        str(settings.web_threads),
         # SIGTERM: finish the requests in flight for up to 30 s, then stop.
         "--graceful-timeout",
         "30",

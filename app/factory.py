@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 from flask import Flask
@@ -8,6 +8,7 @@ from flask import Flask
 from app.db import Database
 from app.services.dispatch import Dispatcher, DispatchSettings, Publisher
 from app.services.task_types import Registry
+from app.services.waiting import Waiter
 from config import Settings
 
 
@@ -21,6 +22,7 @@ class Waybill:
     publisher: Publisher
     redis_client: redis.Redis | None = None
     _dispatcher: Dispatcher | None = None
+    waiter: Waiter = field(default_factory=lambda: Waiter(8))
 
     @property
     def redis(self) -> redis.Redis:
@@ -79,6 +81,7 @@ def create_app(
         registry=registry or Registry.from_entry_points(),
         publisher=publisher or CeleryPublisher(celery),
         redis_client=redis_client,
+        waiter=Waiter(settings.wait_max_concurrent),
     )
     register_api(flask_app)
     return flask_app

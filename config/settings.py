@@ -57,6 +57,10 @@ class Settings:
     http_port: int = 8000
     flower_port: int = 5555
     web_concurrency: int = 4
+    web_threads: int = 16
+    # Requests per web process that may hold for `Prefer: wait` at once; the
+    # rest answer at once. Keep it below web_threads.
+    wait_max_concurrent: int = 8
     worker_concurrency: int = 2
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""

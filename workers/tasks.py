@@ -12,6 +12,7 @@ from flask import current_app
 from app.factory import Waybill
 from app.services import deliveries, runner, sweep
 from app.services.dispatch import dispatch_delivery, dispatch_step, enqueue_from_sql, rebuild
+from app.services.waiting import notify_final
 
 log = logging.getLogger("waybill.worker")
 
@@ -37,6 +38,8 @@ def run_task(task_id: str) -> str:
         wb.dispatcher,
     )
     dispatch_delivery(wb.publisher, outcome.delivery_id)
+    if outcome.recorded:
+        notify_final(wb.redis, task_id, outcome.status or "")
     if outcome.release:
         # If Redis is away the lease expires; the claim then finds the task final and lets go.
         with contextlib.suppress(redis.RedisError):

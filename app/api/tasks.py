@@ -12,10 +12,12 @@ from marshmallow import ValidationError
 
 from app.api.requests import json_body, organization_id, session, waybill
 from app.api.schemas import ListTasksQuery, SubmitTaskSchema
+from app.models import TaskStatus
 from app.services import deliveries, tasks
 from app.services.dispatch import dispatch_delivery, dispatch_step, dispatch_task
 from app.services.errors import ValidationFailed, messages_to_errors
 from app.services.representation import represent
+from app.services.waiting import notify_final, parse_prefer_wait
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1/tasks")
 log = logging.getLogger("waybill.api")
@@ -74,12 +76,17 @@ def submit_task() -> Response:
         submitted = tasks.submit(s, org_id, req, registry=wb.registry, request_id=g.request_id)
         representation = represent(submitted.task)
     location = f"/v1/tasks/{submitted.task.id}"
+    wait = parse_prefer_wait(request.headers.get("Prefer"))
     if not submitted.created:
         log.info(
             "idempotent replay",
             extra={"event": "task.replayed", "task_id": submitted.task.id, "organization_id": org_id},
         )
-        return _task_response(representation, 200, **{"Idempotent-Replayed": "true", "Location": location})
+        headers = {"Idempotent-Replayed": "true", "Location": location}
+        if wait is not None:
+            representation, _, applied = _hold(org_id, submitted.task.id, wait, representation)
+            headers.update(applied)
+        return _task_response(representation, 200, **headers)
     dispatch_task(wb.db, wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
     log.info(
         "task accepted",
@@ -90,14 +97,49 @@ def submit_task() -> Response:
             "type": req.type,
         },
     )
-    return _task_response(representation, 202, Location=location)
+    headers = {"Location": location}
+    status = 202
+    if wait is not None:
+        representation, final, applied = _hold(org_id, submitted.task.id, wait, representation)
+        headers.update(applied)
+        status = 200 if final else 202
+    return _task_response(representation, status, **headers)
+
+
+def _hold(
+    org_id: str, task_id: str, seconds: int, current: dict[str, Any]
+) -> tuple[dict[str, Any], bool, dict[str, str]]:
+    """Wait up to ``seconds`` for the task to be final: (representation, final, headers)."""
+    if TaskStatus(current["status"]).is_final:
+        return current, True, {"Preference-Applied": f"wait={seconds}"}
+    wb = waybill()
+    latest = {"task": current}
+
+    def is_final() -> bool:
+        with session() as s:
+            latest["task"] = represent(tasks.get_task(s, org_id, task_id))
+        return TaskStatus(latest["task"]["status"]).is_final
+
+    try:
+        redis_client = wb.redis
+    except RuntimeError:
+        return current, False, {}
+    waited = wb.waiter.wait(redis_client, task_id, seconds, is_final)
+    if waited is None:
+        return current, False, {}  # every waiting slot of this process is taken
+    return latest["task"], waited, {"Preference-Applied": f"wait={seconds}"}
 
 
 @bp.get("/<task_id>")
 def get_task(task_id: str) -> Response:
     org_id = organization_id()
     with session() as s:
-        return jsonify(represent(tasks.get_task(s, org_id, task_id)))
+        representation = represent(tasks.get_task(s, org_id, task_id))
+    wait = parse_prefer_wait(request.headers.get("Prefer"))
+    if wait is None:
+        return jsonify(representation)
+    representation, _, headers = _hold(org_id, task_id, wait, representation)
+    return _task_response(representation, 200, **headers)
 
 
 @bp.get("")
@@ -137,6 +179,8 @@ def cancel_task(task_id: str) -> Response:
         except Exception:  # best effort: its result is discarded anyway
             log.warning("revoke failed", extra={"event": "task.revoke_failed", "task_id": task_id})
     dispatch_delivery(wb.publisher, delivery_id)
+    with contextlib.suppress(RuntimeError):  # no Redis configured at all
+        notify_final(wb.redis, task_id, "canceled")
     dispatch_step(wb.dispatcher, wb.publisher)
     log.info("task canceled", extra={"event": "task.canceled", "task_id": task_id, "organization_id": org_id})
     return jsonify(representation)

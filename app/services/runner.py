@@ -90,8 +90,9 @@ def execute(
         if task is None:
             return RunOutcome(
                 ran=False,
-                recorded=claim.delivery_id is not None,
+                recorded=claim.reason == "lost",
                 delivery_id=claim.delivery_id,
+                status="failed" if claim.reason == "lost" else None,
                 release=claim.reason != "busy",
             )
         attempt = claim.attempt

@@ -267,8 +267,9 @@ class Claim:
     task: Task | None  # set when this run may execute the handler
     attempt: int = 0
     delivery_id: str | None = None  # set when the claim itself finished the task
-    # Without a task: "gone" (missing or final: forget it) or "busy" (another
-    # run holds a live lease: leave its slot alone).
+    # Without a task: "gone" (missing or final: forget it), "lost" (this claim
+    # failed it after its last attempt died) or "busy" (another run holds a
+    # live lease: leave its slot alone).
     reason: str = ""
 
 
@@ -327,7 +328,7 @@ def claim(
                 ),
                 now=now,
             )
-            return Claim(task=None, delivery_id=delivery_id, reason="gone")
+            return Claim(task=None, delivery_id=delivery_id, reason="lost")
     elif task.status == TaskStatus.RUNNING:
         return Claim(task=None, reason="busy")
     else:

@@ -140,7 +140,7 @@ class Stack:
         return proc
 
     def webhooks_worker(self, **env: str) -> Proc:
-        return self.worker("webhooks", queues="webhooks", concurrency=4, **env)
+        return self.worker("webhooks", queues="webhooks,maintenance", concurrency=4, **env)
 
     def beat(self) -> Proc:
         return self.start(
