@@ -9,7 +9,9 @@ import redis
 from celery import shared_task
 from flask import current_app
 
+from app import metrics
 from app.factory import Waybill
+from app.models.base import utcnow
 from app.services import deliveries, runner, sweep
 from app.services.dispatch import dispatch_delivery, dispatch_step, enqueue_from_sql, rebuild
 from app.services.waiting import notify_final
@@ -64,11 +66,16 @@ def deliver_webhook(delivery_id: str) -> str:
         countdown = deliveries.record_attempt(
             session, plan, result, retry_base_seconds=s.webhook_retry_base_seconds
         )
+    metrics.WEBHOOK_ATTEMPTS.labels(result.outcome).inc()
+    if result.outcome == deliveries.DELIVERED:
+        metrics.WEBHOOK_DELIVERY_SECONDS.observe((utcnow() - plan.created_at).total_seconds())
     log.info(
         "webhook attempt",
         extra={
             "event": "webhook.attempt",
             "webhook_id": delivery_id,
+            "task_id": plan.task_id,
+            "request_id": plan.request_id,
             "attempt": plan.attempt,
             "outcome": result.outcome,
             "http_status": result.response_status,

@@ -68,6 +68,15 @@ _HTTP_SLUGS = {
 }
 
 
+def _count_rejection(status: int) -> None:
+    from app.metrics import LIMIT_REJECTIONS, SUBMISSIONS
+
+    outcome = {402: "rejected_402", 429: "rejected_429"}.get(status, "rejected_4xx")
+    SUBMISSIONS.labels(outcome).inc()
+    if status in (402, 429) and g.get("organization_id"):
+        LIMIT_REJECTIONS.labels(g.organization_id, "credits" if status == 402 else "queue").inc()
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError) -> Response:
@@ -83,11 +92,15 @@ def init_app(app: Flask) -> None:
                 "path": request.path,
             },
         )
+        if request.method == "POST" and request.path == "/v1/tasks":
+            _count_rejection(exc.status)
         return from_service_error(exc)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
+        if request.method == "POST" and request.path == "/v1/tasks" and 400 <= status < 500:
+            _count_rejection(status)
         slug, title = _HTTP_SLUGS.get(status, ("http-error", exc.name))
         detail = exc.description or title
         if status == 413:

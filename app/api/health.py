@@ -42,3 +42,11 @@ def readyz() -> Response:
     response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
     response.status_code = 200 if ready else 503
     return response
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    from app.metrics import render
+
+    body, content_type = render(waybill())
+    return Response(body, mimetype=None, content_type=content_type)

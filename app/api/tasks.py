@@ -12,6 +12,7 @@ from marshmallow import ValidationError
 
 from app.api.requests import json_body, organization_id, session, waybill
 from app.api.schemas import ListTasksQuery, SubmitTaskSchema
+from app.metrics import SUBMISSIONS, TASKS_FINISHED
 from app.models import TaskStatus
 from app.services import deliveries, tasks
 from app.services.dispatch import dispatch_delivery, dispatch_step, dispatch_task
@@ -78,6 +79,7 @@ def submit_task() -> Response:
     location = f"/v1/tasks/{submitted.task.id}"
     wait = parse_prefer_wait(request.headers.get("Prefer"))
     if not submitted.created:
+        SUBMISSIONS.labels("replayed").inc()
         log.info(
             "idempotent replay",
             extra={"event": "task.replayed", "task_id": submitted.task.id, "organization_id": org_id},
@@ -87,6 +89,7 @@ def submit_task() -> Response:
             representation, _, applied = _hold(org_id, submitted.task.id, wait, representation)
             headers.update(applied)
         return _task_response(representation, 200, **headers)
+    SUBMISSIONS.labels("accepted").inc()
     dispatch_task(wb.db, wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
     log.info(
         "task accepted",
@@ -178,6 +181,7 @@ def cancel_task(task_id: str) -> Response:
             wb.publisher.revoke(task_id)
         except Exception:  # best effort: its result is discarded anyway
             log.warning("revoke failed", extra={"event": "task.revoke_failed", "task_id": task_id})
+    TASKS_FINISHED.labels(task.type, "canceled").inc()
     dispatch_delivery(wb.publisher, delivery_id)
     with contextlib.suppress(RuntimeError):  # no Redis configured at all
         notify_final(wb.redis, task_id, "canceled")

@@ -79,6 +79,9 @@ class AttemptPlan:
     url: str
     body: bytes
     secrets: list[str]
+    created_at: datetime
+    task_id: str = ""
+    request_id: str | None = None
 
 
 def claim_attempt(
@@ -116,6 +119,9 @@ def claim_attempt(
         url=delivery.url,
         body=body_of(delivery),
         secrets=signing_secrets(org, now),
+        created_at=delivery.created_at,
+        task_id=delivery.task_id,
+        request_id=session.execute(select(Task.request_id).where(Task.id == delivery.task_id)).scalar(),
     )
 
 

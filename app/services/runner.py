@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import redis
 
+from app import metrics
 from app.db import Database
 from app.models.base import utcnow
 from app.services import tasks
@@ -88,6 +90,8 @@ def execute(
         )
         task = claim.task
         if task is None:
+            if claim.reason == "lost":
+                metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
             return RunOutcome(
                 ran=False,
                 recorded=claim.reason == "lost",
@@ -96,6 +100,9 @@ def execute(
                 release=claim.reason != "busy",
             )
         attempt = claim.attempt
+        created_at = task.created_at
+        type_name = task.type
+        request_id = task.request_id
         task_type = registry.get(task.type)
         task_input = task.input
         context = TaskContext(
@@ -106,13 +113,20 @@ def execute(
         )
     log.info(
         "task started",
-        extra={"event": "task.started", "task_id": task_id, "attempt": attempt, "type": task.type},
+        extra={
+            "event": "task.started",
+            "task_id": task_id,
+            "attempt": attempt,
+            "type": type_name,
+            "request_id": request_id,
+        },
     )
     result: Any = None
     error: tuple[str, str] | None = None
     if dispatcher is not None:
         # From the release lease (waiting for a worker) to the run's lease.
         _quietly(dispatcher.renew, task_id, settings.lease_seconds)
+    run_started = time.monotonic()
     with _Heartbeat(db, dispatcher, task_id, attempt, settings.lease_seconds):
         if task_type is None:
             error = ("unknown_type", f"No handler is installed for task type {task.type!r}.")
@@ -130,6 +144,10 @@ def execute(
     with db.session() as session:
         recorded, delivery_id = tasks.record_result(session, task_id, attempt, result=result, error=error)
     status = "failed" if error else "succeeded"
+    metrics.TASK_RUN_SECONDS.labels(type_name).observe(time.monotonic() - run_started)
+    if recorded:
+        metrics.TASKS_FINISHED.labels(type_name, status).inc()
+        metrics.TASK_LATENCY_SECONDS.labels(type_name).observe((utcnow() - created_at).total_seconds())
     log.info(
         "task finished" if recorded else "task outcome discarded",
         extra={
@@ -137,6 +155,7 @@ def execute(
             "task_id": task_id,
             "attempt": attempt,
             "status": status,
+            "request_id": request_id,
         },
     )
     return RunOutcome(ran=True, recorded=recorded, delivery_id=delivery_id, status=status)

@@ -271,6 +271,7 @@ class Claim:
     # failed it after its last attempt died) or "busy" (another run holds a
     # live lease: leave its slot alone).
     reason: str = ""
+    type: str = ""
 
 
 def _lock_task(session: Session, task_id: str) -> Task | None:
@@ -328,7 +329,7 @@ def claim(
                 ),
                 now=now,
             )
-            return Claim(task=None, delivery_id=delivery_id, reason="lost")
+            return Claim(task=None, delivery_id=delivery_id, reason="lost", type=task.type)
     elif task.status == TaskStatus.RUNNING:
         return Claim(task=None, reason="busy")
     else:

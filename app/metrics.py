@@ -1,0 +1,164 @@
+"""Prometheus metrics, safe across gunicorn workers and Celery's prefork pool.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (the local run sets it to
+``var/metrics``; set it in production to a directory each host empties at
+start), every process writes its samples there and ``/metrics`` on any web
+process of the host aggregates them. Without it, each process counts alone.
+Gauges that describe shared state (queue depths, per-organization waiting and
+running) are read live from Redis and SQL at scrape time instead.
+
+The metrics are documented in ``docs/operations.rst``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+TOP_ORGANIZATIONS = 20
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+)
+
+SUBMISSIONS = Counter(
+    "waybill_submissions_total",
+    "POST /v1/tasks by outcome: accepted, replayed, rejected_402, rejected_429, rejected_4xx.",
+    ["outcome"],
+)
+LIMIT_REJECTIONS = Counter(
+    "waybill_limit_rejections_total",
+    "Submissions refused by an organization's limit (credits or queue), by organization.",
+    ["organization", "limit"],
+)
+TASKS_FINISHED = Counter(
+    "waybill_tasks_finished_total", "Tasks that reached a final status.", ["type", "status"]
+)
+TASK_RUN_SECONDS = Histogram(
+    "waybill_task_run_seconds", "Handler run time of one attempt.", ["type"], buckets=_LATENCY_BUCKETS
+)
+TASK_LATENCY_SECONDS = Histogram(
+    "waybill_task_latency_seconds",
+    "Submission to final status.",
+    ["type"],
+    buckets=_LATENCY_BUCKETS,
+)
+WEBHOOK_ATTEMPTS = Counter(
+    "waybill_webhook_attempts_total",
+    "Webhook attempts by outcome (delivered, http_error, gone, redirect, timeout, ...).",
+    ["outcome"],
+)
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "waybill_webhook_delivery_seconds",
+    "Event creation to successful delivery.",
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+class LiveCollector(Collector):
+    """Gauges read at scrape time from Redis (queue depths) and SQL (per-organization counts)."""
+
+    def __init__(self, waybill: Any) -> None:
+        self.waybill = waybill
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "waybill_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
+        )
+        try:
+            client = self.waybill.redis
+            for queue in ("tasks", "webhooks", "maintenance"):
+                depth.add_metric([queue], float(client.llen(queue)))
+        except Exception:  # a scrape must not fail because Redis is away
+            pass
+        yield depth
+        yield from self._organizations()
+
+    def _organizations(self) -> Iterator[GaugeMetricFamily]:
+        from sqlalchemy import func, select
+
+        from app.models import Organization
+
+        waiting = GaugeMetricFamily(
+            "waybill_organization_waiting",
+            f"Waiting tasks per organization (the top {TOP_ORGANIZATIONS}, the rest as 'other').",
+            labels=["organization"],
+        )
+        running = GaugeMetricFamily(
+            "waybill_organization_running",
+            f"Running tasks per organization (the top {TOP_ORGANIZATIONS} by waiting, the rest as 'other').",
+            labels=["organization"],
+        )
+        try:
+            with self.waybill.db.session() as s:
+                top = s.execute(
+                    select(Organization.id, Organization.queued, Organization.running)
+                    .where((Organization.queued > 0) | (Organization.running > 0))
+                    .order_by(Organization.queued.desc(), Organization.running.desc())
+                    .limit(TOP_ORGANIZATIONS)
+                ).all()
+                totals = s.execute(
+                    select(func.sum(Organization.queued), func.sum(Organization.running))
+                ).one()
+        except Exception:
+            return
+        for org_id, q, r in top:
+            waiting.add_metric([org_id], float(q))
+            running.add_metric([org_id], float(r))
+        waiting.add_metric(["other"], float((totals[0] or 0) - sum(q for _, q, _ in top)))
+        running.add_metric(["other"], float((totals[1] or 0) - sum(r for _, _, r in top)))
+        yield waiting
+        yield running
+
+
+def render(waybill: Any) -> tuple[bytes, str]:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    live = LiveCollector(waybill)
+    registry.register(live)
+    try:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    finally:
+        registry.unregister(live)
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn's child_exit hook: drop a dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
