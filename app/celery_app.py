@@ -63,6 +63,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": settings.dispatch_interval_seconds,
                 "options": {"expires": max(settings.dispatch_interval_seconds * 2, 2.0)},
             },
+            "retention": {
+                "task": "waybill.maintenance.retention",
+                "schedule": 600.0,
+                "options": {"expires": 600.0},
+            },
             "reconcile-counters": {
                 "task": "waybill.maintenance.reconcile",
                 "schedule": 60.0,

@@ -43,6 +43,8 @@ class Settings:
     # means the worker died and the task may run again.
     task_lease_seconds: float = 60.0
     task_max_attempts: int = 3
+    # A finished task (its result, deliveries and attempts) is kept this long.
+    result_retention_days: float = 30.0
     # Beat runs the sweep this often. A task queued but never published, or a
     # webhook attempt whose message is this late, is published again.
     sweep_interval_seconds: float = 5.0

@@ -12,7 +12,7 @@ from flask import current_app
 from app import metrics
 from app.factory import Waybill
 from app.models.base import utcnow
-from app.services import deliveries, runner, sweep
+from app.services import deliveries, runner, sweep, tasks
 from app.services.dispatch import dispatch_delivery, dispatch_step, enqueue_from_sql, rebuild
 from app.services.waiting import notify_final
 
@@ -35,6 +35,7 @@ def run_task(task_id: str) -> str:
             lease_seconds=s.task_lease_seconds,
             max_attempts=s.task_max_attempts,
             allow_private_targets=s.fetch_allow_private,
+            retention_days=s.result_retention_days,
         ),
         task_id,
         wb.dispatcher,
@@ -119,6 +120,22 @@ def dispatch_task_() -> int:
     """Beat's dispatch step: nothing waits for a trigger that was lost."""
     wb = _waybill()
     return dispatch_step(wb.dispatcher, wb.publisher)
+
+
+@shared_task(name="waybill.maintenance.retention")
+def retention_task(max_batches: int = 200) -> int:
+    """Delete expired tasks in small batches, each its own short transaction."""
+    wb = _waybill()
+    deleted = 0
+    for _ in range(max_batches):
+        with wb.db.session() as session:
+            n = tasks.delete_expired(session)
+        deleted += n
+        if n == 0:
+            break
+    if deleted:
+        log.info("expired tasks deleted", extra={"event": "retention.deleted", "status": str(deleted)})
+    return deleted
 
 
 @shared_task(name="waybill.maintenance.reconcile")

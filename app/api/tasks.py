@@ -170,7 +170,9 @@ def cancel_task(task_id: str) -> Response:
     org_id = organization_id()
     wb = waybill()
     with session() as s:
-        task, delivery_id, was_running = tasks.cancel(s, org_id, task_id)
+        task, delivery_id, was_running = tasks.cancel(
+            s, org_id, task_id, retention_days=wb.settings.result_retention_days
+        )
         representation = represent(task)
     # Out of its waiting list, or its slot freed; if Redis is away the
     # claim refuses the canceled task and the lease expires by itself.

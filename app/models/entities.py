@@ -122,6 +122,9 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # completed_at + RESULT_RETENTION_DAYS: after it the task answers 404 and
+    # the retention job deletes it with its deliveries and attempts.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)
 
 
 class WebhookDelivery(Base):

@@ -36,6 +36,7 @@ def represent(task: Task) -> dict[str, Any]:
         "createdAt": iso(task.created_at),
         "startedAt": iso(task.started_at),
         "completedAt": iso(task.completed_at),
+        "expiresAt": iso(task.expires_at),
     }
     if task.status == TaskStatus.SUCCEEDED:
         out["result"] = task.result

@@ -29,6 +29,7 @@ class RunSettings:
     lease_seconds: float
     max_attempts: int
     allow_private_targets: bool
+    retention_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def execute(
             task_id,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
+            retention_days=settings.retention_days,
         )
         task = claim.task
         if task is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,7 @@ from app.services.errors import (
 from app.services.task_types import Registry
 
 DRAIN_TAU_SECONDS = 60.0
+DEFAULT_RETENTION_DAYS = 30.0
 WORKER_LOST = "worker_lost"
 
 
@@ -212,7 +213,11 @@ def _decayed_rate(org: Organization, now: datetime) -> float:
 
 def get_task(session: Session, organization_id: str, task_id: str) -> Task:
     task = session.get(Task, task_id) if isinstance(task_id, str) and len(task_id) <= 40 else None
-    if task is None or task.organization_id != organization_id:
+    if (
+        task is None
+        or task.organization_id != organization_id
+        or (task.expires_at is not None and task.expires_at <= utcnow())
+    ):
         # The same answer for another organization's task as for a missing one.
         raise NotFound("No task with this id.")
     return task
@@ -243,7 +248,10 @@ def list_tasks(
     cursor: str | None = None,
 ) -> tuple[list[Task], str | None]:
     """Newest first; the cursor is the last id seen, so pages are stable as tasks arrive."""
-    query = select(Task).where(Task.organization_id == organization_id)
+    query = select(Task).where(
+        Task.organization_id == organization_id,
+        or_(Task.expires_at.is_(None), Task.expires_at > utcnow()),
+    )
     if status:
         query = query.where(Task.status == status)
     if type:
@@ -296,6 +304,7 @@ def claim(
     lease_seconds: float,
     max_attempts: int,
     now: datetime | None = None,
+    retention_days: float = DEFAULT_RETENTION_DAYS,
 ) -> Claim:
     """Start a run: ``queued -> running``, or take over a run whose lease expired.
 
@@ -328,6 +337,7 @@ def claim(
                     "(killed or lost); the task was not retried again.",
                 ),
                 now=now,
+                retention_days=retention_days,
             )
             return Claim(task=None, delivery_id=delivery_id, reason="lost", type=task.type)
     elif task.status == TaskStatus.RUNNING:
@@ -366,6 +376,7 @@ def record_result(
     result: Any = None,
     error: tuple[str, str] | None = None,
     now: datetime | None = None,
+    retention_days: float = DEFAULT_RETENTION_DAYS,
 ) -> tuple[bool, str | None]:
     """Record the run's outcome once; returns (recorded, webhook delivery id to publish).
 
@@ -377,11 +388,15 @@ def record_result(
     if task is None or task.status != TaskStatus.RUNNING or task.attempts != attempt:
         return False, None
     status = TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
-    delivery_id = _finish(session, task, status, result=result, error=error, now=now or utcnow())
+    delivery_id = _finish(
+        session, task, status, result=result, error=error, now=now or utcnow(), retention_days=retention_days
+    )
     return True, delivery_id
 
 
-def cancel(session: Session, organization_id: str, task_id: str) -> tuple[Task, str | None, bool]:
+def cancel(
+    session: Session, organization_id: str, task_id: str, *, retention_days: float = DEFAULT_RETENTION_DAYS
+) -> tuple[Task, str | None, bool]:
     """Cancel a waiting or running task; returns (task, delivery id, was running)."""
     get_task(session, organization_id, task_id)
     task = _lock_task(session, task_id)
@@ -389,7 +404,7 @@ def cancel(session: Session, organization_id: str, task_id: str) -> tuple[Task, 
     if TaskStatus(task.status).is_final:
         raise TaskAlreadyFinal(f"The task is already {task.status}.")
     was_running = task.status == TaskStatus.RUNNING
-    delivery_id = _finish(session, task, TaskStatus.CANCELED, now=utcnow())
+    delivery_id = _finish(session, task, TaskStatus.CANCELED, now=utcnow(), retention_days=retention_days)
     return task, delivery_id, was_running
 
 
@@ -399,6 +414,7 @@ def _finish(
     status: TaskStatus,
     *,
     now: datetime,
+    retention_days: float,
     result: Any = None,
     error: tuple[str, str] | None = None,
 ) -> str | None:
@@ -409,6 +425,7 @@ def _finish(
         org.running -= 1
     task.status = status.value
     task.completed_at = now
+    task.expires_at = now + timedelta(days=retention_days)
     task.lease_expires_at = None
     if status == TaskStatus.SUCCEEDED:
         task.result = result
@@ -439,3 +456,29 @@ def refund(session: Session, task: Task, org: Organization, *, now: datetime) ->
         CreditEntry(organization_id=org.id, task_id=task.id, kind="refund", amount=task.cost, created_at=now)
     )
     return True
+
+
+def delete_expired(session: Session, *, now: datetime | None = None, batch: int = 500) -> int:
+    """Delete one batch of expired tasks (their deliveries and attempts cascade); returns how many.
+
+    Small batches in their own transactions, so the tables are never locked
+    for long; the ledger keeps its rows (the balance is their sum).
+    """
+    now = now or utcnow()
+    ids = list(
+        session.execute(
+            select(Task.id).where(Task.expires_at <= now).order_by(Task.expires_at).limit(batch)
+        ).scalars()
+    )
+    if not ids:
+        return 0
+    from sqlalchemy import delete
+
+    from app.models import WebhookAttempt, WebhookDelivery
+
+    # Explicit rather than ON DELETE CASCADE alone, so SQLite files created
+    # without foreign-key enforcement are cleaned the same way.
+    delivery_ids = select(WebhookDelivery.id).where(WebhookDelivery.task_id.in_(ids))
+    session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(delivery_ids)))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.task_id.in_(ids)))
+    return rowcount(session.execute(delete(Task).where(Task.id.in_(ids))))
