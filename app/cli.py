@@ -118,17 +118,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """gunicorn, as the Procfile's ``web`` line runs it."""
     argv = [
         "gunicorn",
+        "--config",
+        "python:app.gunicorn_conf",
         "--bind",
         f"{settings.http_host}:{settings.http_port}",
         "--workers",
         str(settings.web_concurrency),
         "--threads",
         str(settings.web_threads),
-        # SIGTERM: finish the requests in flight for up to 30 s, then stop.
-        "--graceful-timeout",
-        "30",
-        "--access-logfile",
-        "-",
         "app.wsgi:app",
     ]
     os.execvp(argv[0], argv)
@@ -190,6 +187,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     env.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
     env.setdefault("FETCH_ALLOW_PRIVATE", "true")
     env[LOCAL_RUN_ENV] = "1"
+    # Every process of the run writes its metrics here; /metrics adds them up.
+    metrics_dir = settings.var_path / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     env["VAR_DIR"] = str(settings.var_path)
     redis: EmbeddedRedis | None = None
     url_file = settings.embedded_redis_url_file

@@ -6,10 +6,11 @@ from flask import Flask
 
 
 def register_api(app: Flask) -> None:
-    from app.api import errors, health, organization, requests, tasks
+    from app.api import errors, health, openapi, organization, requests, tasks
 
     requests.init_app(app)
     errors.init_app(app)
     app.register_blueprint(tasks.bp)
     app.register_blueprint(organization.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)

@@ -26,15 +26,7 @@ def readyz() -> Response:
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        import redis
-
-        client = redis.Redis.from_url(
-            wb.settings.resolved_redis_url(), socket_connect_timeout=1, socket_timeout=1
-        )
-        try:
-            client.ping()
-        finally:
-            client.close()
+        wb.redis.ping()
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +20,7 @@ from app.logs import request_id_var
 from app.services import organizations
 from app.services.errors import ServiceError, ValidationFailed
 
+log = logging.getLogger("waybill.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -45,6 +48,7 @@ def session() -> Iterator[Session]:
 def init_app(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
+        g.started = time.monotonic()
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else "req_" + secrets.token_hex(8)
         request_id_var.set(g.request_id)
@@ -53,6 +57,18 @@ def init_app(app: Flask) -> None:
     def _echo_request_id(response: Any) -> Any:
         if "request_id" in g:
             response.headers["X-Request-Id"] = g.request_id
+        if request.path not in ("/healthz", "/metrics"):
+            log.info(
+                "http request",
+                extra={
+                    "event": "http.request",
+                    "method": request.method,
+                    "path": request.path,
+                    "http_status": response.status_code,
+                    "duration_ms": int((time.monotonic() - g.get("started", time.monotonic())) * 1000),
+                    "organization_id": g.get("organization_id"),
+                },
+            )
         return response
 
 

@@ -56,3 +56,94 @@ class ListTasksQuery(Schema):
     idempotencyKey = fields.String(validate=validate.Length(min=1, max=255))
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
     cursor = fields.String(validate=validate.Length(max=200))
+
+
+# -- response schemas: they document the representation for OpenAPI ---------
+
+
+class ErrorDetailSchema(Schema):
+    code = fields.String()
+    message = fields.String()
+
+
+class TaskWebhookSchema(Schema):
+    url = fields.String()
+    status = fields.String(validate=validate.OneOf(["none", "pending", "delivered", "failed"]))
+    attempts = fields.Integer()
+
+
+class TaskSchema(Schema):
+    taskId = fields.String(required=True)
+    type = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf([s.value for s in TaskStatus]))
+    input = fields.Raw(allow_none=True)
+    result = fields.Raw(allow_none=True, metadata={"description": "present once succeeded"})
+    error = fields.Nested(ErrorDetailSchema, allow_none=True, metadata={"description": "present once failed"})
+    idempotencyKey = fields.String(allow_none=True)
+    metadata = fields.Dict(allow_none=True)
+    cost = fields.Integer(required=True)
+    webhook = fields.Nested(TaskWebhookSchema, allow_none=True)
+    createdAt = fields.String(required=True, metadata={"format": "date-time"})
+    startedAt = fields.String(allow_none=True, metadata={"format": "date-time"})
+    completedAt = fields.String(allow_none=True, metadata={"format": "date-time"})
+    expiresAt = fields.String(allow_none=True, metadata={"format": "date-time"})
+
+
+class TaskListSchema(Schema):
+    data = fields.List(fields.Nested(TaskSchema), required=True)
+    nextCursor = fields.String(allow_none=True, required=True)
+
+
+class ProblemSchema(Schema):
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+
+
+class OrganizationSchema(Schema):
+    id = fields.String(required=True)
+    name = fields.String(required=True)
+    credits = fields.Integer(required=True)
+    queueLimit = fields.Integer(required=True)
+    queued = fields.Integer(required=True)
+    running = fields.Integer(required=True)
+    concurrencyLimit = fields.Integer(required=True)
+
+
+class TaskTypeSchema(Schema):
+    type = fields.String(required=True)
+    cost = fields.Integer(required=True)
+    description = fields.String(required=True)
+    inputSchema = fields.Dict(required=True)
+
+
+class WebhookSecretSchema(Schema):
+    secret = fields.String(required=True)
+
+
+class AttemptSchema(Schema):
+    attempt = fields.Integer(required=True)
+    at = fields.String(required=True, metadata={"format": "date-time"})
+    outcome = fields.String(required=True)
+    responseStatus = fields.Integer(allow_none=True)
+    durationMs = fields.Integer(required=True)
+    error = fields.String(allow_none=True)
+
+
+class DeliverySchema(Schema):
+    webhookId = fields.String(required=True)
+    eventType = fields.String(required=True)
+    url = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(["pending", "delivered", "failed"]))
+    attempts = fields.List(fields.Nested(AttemptSchema), required=True)
+
+
+class DeliveryListSchema(Schema):
+    data = fields.List(fields.Nested(DeliverySchema), required=True)
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)
+    checks = fields.Dict(keys=fields.String(), values=fields.String())

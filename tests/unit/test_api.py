@@ -280,9 +280,13 @@ def test_unknown_route_and_method_are_problems(client: FlaskClient, org: Org) ->
     assert_problem(client.delete("/v1/tasks", headers=org.headers), 405)
 
 
-def test_healthz_and_readyz(client: FlaskClient) -> None:
+def test_healthz_and_readyz(client: FlaskClient, fake_server) -> None:
     assert client.get("/healthz").status_code == 200
-    r = client.get("/readyz")  # the test settings point at a Redis that is not there
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.get_json()["checks"] == {"database": "ok", "broker": "ok"}
+    fake_server.connected = False  # the broker goes away
+    r = client.get("/readyz")
     assert r.status_code == 503
     assert r.get_json()["checks"]["database"] == "ok"
     assert r.get_json()["checks"]["broker"].startswith("unavailable")
