@@ -116,7 +116,10 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """gunicorn, as the Procfile's ``web`` line runs it."""
+    # By module, with this interpreter: the venv's bin need not be on PATH.
     argv = [
+        sys.executable,
+        "-m",
         "gunicorn",
         "--config",
         "python:app.gunicorn_conf",
@@ -134,6 +137,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     argv = [
+        sys.executable,
+        "-m",
         "celery",
         "-A",
         "workers.main",
