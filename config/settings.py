@@ -67,6 +67,13 @@ class Settings:
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""
     log_level: str = "INFO"
+    # Failed authentications allowed per client address per minute; past it
+    # every /v1 call from that address answers 429 until the minute ends.
+    auth_failures_per_minute: int = 30
+    # Fault injection for the chaos suite only (tests/chaos): the web process
+    # dies right after committing a task, before handing it to dispatch, with
+    # this probability. Never set it in production.
+    fault_crash_after_commit: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -72,18 +72,70 @@ def init_app(app: Flask) -> None:
         return response
 
 
+class TooManyAuthFailures(ServiceError):
+    status = 429
+    type_slug = "too-many-authentication-failures"
+    title = "Too many failed authentications"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "Too many requests with a missing or invalid API key from this address; "
+            f"retry after {retry_after} s."
+        )
+        self.headers["Retry-After"] = str(retry_after)
+
+
+def _auth_failure_key() -> str:
+    # remote_addr: behind a reverse proxy, configure it to pass the client
+    # address (werkzeug's ProxyFix) or this limits the proxy as a whole.
+    return f"waybill:authfail:{request.remote_addr or 'unknown'}:{int(time.time() // 60)}"
+
+
+def _check_auth_failures() -> None:
+    limit = waybill().settings.auth_failures_per_minute
+    if limit <= 0:
+        return
+    try:
+        count = int(waybill().redis.get(_auth_failure_key()) or 0)
+    except Exception:  # Redis away: authentication still works, unthrottled
+        return
+    if count >= limit:
+        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
+
+
+def _note_auth_failure() -> None:
+    try:
+        key = _auth_failure_key()
+        pipe = waybill().redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        pipe.execute()
+    except Exception:
+        pass
+
+
 def organization_id() -> str:
-    """The authenticated organization's id, or 401."""
+    """The authenticated organization's id; 401, or 429 for an address that keeps failing."""
+    _check_auth_failures()
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        _note_auth_failure()
         raise Unauthorized("Send your API key as `Authorization: Bearer <key>`.")
     with session() as s:
         org = organizations.authenticate(s, token.strip())
         if org is None:
+            _note_auth_failure()
             raise Unauthorized("The API key is unknown or revoked.")
         g.organization_id = org.id
         return org.id
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
 
 
 def _reject_constant(name: str) -> Any:
@@ -100,7 +152,7 @@ def json_body() -> dict[str, Any]:
     raw = request.get_data(cache=False)  # reads at most MAX_CONTENT_LENGTH bytes, else 413
     try:
         text = raw.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant)
+        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         # PostgreSQL's JSONB cannot hold NUL or lone surrogates: refuse them
         # here, for every database alike, rather than fail at the INSERT.
         json.dumps(body, ensure_ascii=False).encode("utf-8")

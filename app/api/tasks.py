@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import random
 from typing import Any
 
 import redis
@@ -90,6 +92,8 @@ def submit_task() -> Response:
             headers.update(applied)
         return _task_response(representation, 200, **headers)
     SUBMISSIONS.labels("accepted").inc()
+    if wb.settings.fault_crash_after_commit and random.random() < wb.settings.fault_crash_after_commit:
+        os._exit(70)  # chaos suite only: die between the SQL commit and dispatch
     dispatch_task(wb.db, wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
     log.info(
         "task accepted",

@@ -308,3 +308,23 @@ def test_hostile_webhook_urls_are_refused_at_submission(client: FlaskClient, org
         body = assert_problem(r, 400)
         assert "webhook.url" in body["errors"], (url, body)
     assert client.get("/v1/tasks", headers=org.headers).get_json()["data"] == []
+
+
+def test_failed_authentications_are_limited_per_address(
+    client: FlaskClient, org: Org, app, monkeypatch
+) -> None:
+    import app.api.requests as requests_module
+
+    # One fixed instant: the counting window cannot roll over mid-test.
+    monkeypatch.setattr(requests_module.time, "time", lambda: 1_800_000_030.0)
+    limit = app.extensions["waybill"].settings.auth_failures_per_minute
+    for _ in range(limit):
+        assert client.get("/v1/tasks", headers={"Authorization": "Bearer wb_bad_guess"}).status_code == 401
+    r = client.get("/v1/tasks", headers={"Authorization": "Bearer wb_bad_guess"})
+    body = assert_problem(r, 429)
+    assert body["type"].endswith("too-many-authentication-failures")
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    # Even the right key waits: the address is throttled, not the key.
+    assert client.get("/v1/tasks", headers=org.headers).status_code == 429
+    other = client.get("/v1/tasks", headers=org.headers, environ_base={"REMOTE_ADDR": "10.9.8.7"})
+    assert other.status_code == 200
