@@ -8,6 +8,7 @@ import logging
 import redis
 from celery import shared_task
 from flask import current_app
+from sqlalchemy.exc import OperationalError
 
 from app import metrics
 from app.factory import Waybill
@@ -24,7 +25,18 @@ def _waybill() -> Waybill:
     return wb
 
 
-@shared_task(name="waybill.tasks.run")
+# A database that is briefly away (restart, failover) must not drop the
+# message: retry with backoff until it is back; the work is idempotent.
+_DB_RETRY: dict[str, object] = {
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": None,
+}
+
+
+@shared_task(name="waybill.tasks.run", **_DB_RETRY)
 def run_task(task_id: str) -> str:
     wb = _waybill()
     s = wb.settings
@@ -52,7 +64,7 @@ def run_task(task_id: str) -> str:
     return outcome.status or "skipped"
 
 
-@shared_task(name="waybill.webhooks.deliver")
+@shared_task(name="waybill.webhooks.deliver", **_DB_RETRY)
 def deliver_webhook(delivery_id: str) -> str:
     wb = _waybill()
     s = wb.settings

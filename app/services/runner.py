@@ -92,6 +92,12 @@ def execute(
         )
         task = claim.task
         if task is None:
+            if claim.reason == "busy" and dispatcher is not None and claim.lease_expires_at is not None:
+                # A duplicate release of a task another run holds: let its
+                # dispatch lease end with that run's lease, so a dead run's
+                # task comes back as soon as its SQL lease says so.
+                left = (claim.lease_expires_at - utcnow()).total_seconds()
+                _quietly(dispatcher.renew, task_id, max(1.0, left + 1.0))
             if claim.reason == "lost":
                 metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
             return RunOutcome(

@@ -280,6 +280,7 @@ class Claim:
     # live lease: leave its slot alone).
     reason: str = ""
     type: str = ""
+    lease_expires_at: datetime | None = None  # with "busy": when the other run's lease ends
 
 
 def _lock_task(session: Session, task_id: str) -> Task | None:
@@ -341,7 +342,7 @@ def claim(
             )
             return Claim(task=None, delivery_id=delivery_id, reason="lost", type=task.type)
     elif task.status == TaskStatus.RUNNING:
-        return Claim(task=None, reason="busy")
+        return Claim(task=None, reason="busy", lease_expires_at=task.lease_expires_at)
     else:
         return Claim(task=None, reason="gone")
     task.status = TaskStatus.RUNNING.value

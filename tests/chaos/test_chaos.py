@@ -1,0 +1,43 @@
+"""The chaos run (see tests/chaos/harness.py). ``make test`` runs a short one; ``make chaos`` a long one.
+
+Scale with CHAOS_TASKS, CHAOS_WORKER_KILLS, CHAOS_CHILD_KILLS, CHAOS_REDIS_RESTARTS,
+CHAOS_POSTGRES_RESTARTS, CHAOS_SECONDS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.harness import ChaosConfig, run_chaos
+
+pytestmark = pytest.mark.integration
+
+
+def _config() -> ChaosConfig:
+    env = os.environ
+    return ChaosConfig(
+        tasks=int(env.get("CHAOS_TASKS", "200")),
+        worker_kills=int(env.get("CHAOS_WORKER_KILLS", "2")),
+        child_kills=int(env.get("CHAOS_CHILD_KILLS", "2")),
+        redis_restarts=int(env.get("CHAOS_REDIS_RESTARTS", "1")),
+        # The short run restarts PostgreSQL only in the PostgreSQL pass of the suite.
+        postgres_restarts=int(
+            env.get("CHAOS_POSTGRES_RESTARTS", "1" if os.environ.get("DATABASE_URL") else "0")
+        ),
+        max_seconds=float(env.get("CHAOS_SECONDS", "150")),
+    )
+
+
+def test_nothing_is_lost_duplicated_or_double_charged_under_faults(tmp_path: Path) -> None:
+    report = run_chaos(tmp_path, _config())
+    out = Path(os.environ.get("CHAOS_REPORT", tmp_path / "chaos-report.json"))
+    out.write_text(json.dumps(asdict(report), indent=2))
+    print("\n" + report.line())
+    print(json.dumps({k: v for k, v in asdict(report).items() if k != "problems"}))
+    assert report.ok(), (report.line(), report.problems[:20])
+    assert report.tasks_accepted > 0 and report.redis_restarts >= 1
