@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psutil
 import requests
 from sqlalchemy import func, select
 
@@ -38,6 +36,7 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.migrate import upgrade
 from app.models import CreditEntry, Organization, Task, WebhookAttempt, WebhookDelivery
 from app.services import organizations
+from tests.processes import Process as Proc
 
 
 @dataclass
@@ -176,53 +175,6 @@ class Receiver:
 
 
 # -- processes ----------------------------------------------------------------------
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logdir: Path) -> None:
-        self.name, self.argv, self.env = name, argv, env
-        self.log_path = logdir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115  # handed to the child
-        self.process = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-
-    def kill(self) -> None:
-        assert self.process is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def kill_a_child(self) -> bool:
-        assert self.process is not None
-        children = psutil.Process(self.process.pid).children(recursive=True)
-        if not children:
-            return False
-        random.choice(children).kill()
-        return True
-
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.kill()
 
 
 @dataclass

@@ -7,11 +7,8 @@ the test, killed if it does not stop in time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -28,6 +25,7 @@ import requests
 from app.db import Database
 from app.embedded_redis import EmbeddedRedis, free_port
 from tests.conftest import Org, empty_tables, make_org
+from tests.processes import Process as Proc
 
 pytestmark = pytest.mark.integration
 
@@ -56,41 +54,6 @@ def shared_redis_url() -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self.log = open(self.log_path, "ab")  # noqa: SIM115  # closed in stop()
-        self.process = subprocess.Popen(
-            argv,
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.alive():
-            self.kill_group(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        self.kill_group(signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(5)
-        self.log.close()
 
 
 @dataclass
