@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-integration lint format bench clean
+.PHONY: install run test test-unit test-integration lint format bench chaos clean
 
 $(STAMP): setup.cfg setup.py
 	@$(PYTHON) -c 'import sys; sys.exit("Waybill needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
@@ -35,6 +35,15 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The long chaos run (a short one is part of `make test`): thousands of tasks,
+# repeated worker kills, Redis and PostgreSQL restarts. Under 20 minutes.
+chaos: install
+	CHAOS_TASKS=$${CHAOS_TASKS:-3000} CHAOS_WORKER_KILLS=$${CHAOS_WORKER_KILLS:-8} \
+	CHAOS_CHILD_KILLS=$${CHAOS_CHILD_KILLS:-8} CHAOS_REDIS_RESTARTS=$${CHAOS_REDIS_RESTARTS:-3} \
+	CHAOS_POSTGRES_RESTARTS=$${CHAOS_POSTGRES_RESTARTS:-3} CHAOS_SECONDS=$${CHAOS_SECONDS:-900} \
+	CHAOS_REPORT=$${CHAOS_REPORT:-tests/chaos/last-run.json} \
+	$(BIN)/pytest tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run.py
