@@ -187,6 +187,7 @@ class Report:
     postgres_restarts: int = 0
     web_crashes: int = 0
     supervisor_restarts: int = 0
+    cancels: int = 0
     lost: int = 0
     not_final: int = 0
     duplicate_results: int = 0
@@ -220,7 +221,7 @@ class Report:
         return (
             f"{self.tasks_accepted} tasks, {self.worker_kills + self.child_kills} worker kills, "
             f"{self.redis_restarts} Redis restarts, {self.postgres_restarts} PostgreSQL restarts, "
-            f"{self.supervisor_restarts} supervisor restarts, "
+            f"{self.supervisor_restarts} supervisor restarts, {self.cancels} cancels, "
             f"{self.web_crashes} web crashes after commit: {self.lost + self.not_final} lost, "
             f"{self.duplicate_results} duplicate results, {self.double_charges} double charges, "
             f"{self.webhooks_accounted}/{self.webhooks_expected} webhooks accounted for"
@@ -266,6 +267,7 @@ def _platform(root: Path, cfg: ChaosConfig) -> Iterator[dict[str, Any]]:
         "REDIS_URL": redis.url,
         "VAR_DIR": str(root / "var"),
         "WEBHOOK_ALLOW_PRIVATE": "true",
+        "FETCH_ALLOW_PRIVATE": "true",
         "WEBHOOK_RETRY_BASE_SECONDS": "0.3",
         "WEBHOOK_TIMEOUT_SECONDS": "1.5",
         "TASK_LEASE_SECONDS": "3",
@@ -405,8 +407,12 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
         bodies: list[dict[str, Any]] = []
         for i in range(cfg.tasks):
             body: dict[str, Any] = {"idempotencyKey": f"chaos-{i}"}
-            if rng.random() < 0.25:
+            roll = rng.random()
+            if roll < 0.25:
                 body.update(type="sleep", input={"seconds": rng.choice([0.05, 0.1, 0.3])})
+            elif roll < 0.30:
+                # Fails (nothing listens there): exercises refunds under faults.
+                body.update(type="http.fetch", input={"url": "http://127.0.0.1:1/", "timeoutSeconds": 1})
             else:
                 body.update(type="echo", input={"i": i})
             if rng.random() < cfg.webhook_share:
@@ -442,6 +448,27 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
 
         supervisor = threading.Thread(target=supervise, daemon=True)
         supervisor.start()
+
+        # A client that cancels about 5% of the accepted tasks, whatever state they are in.
+        def canceller() -> None:
+            s = requests.Session()
+            s.headers["Authorization"] = f"Bearer {api_key}"
+            crng = random.Random(cfg.seed + 1)
+            done: set[str] = set()
+            while time.monotonic() < stop_at:
+                time.sleep(0.05)
+                candidates = [t for t in list(accepted.values()) if t not in done]
+                if not candidates or crng.random() > 0.5:
+                    continue
+                task_id = crng.choice(candidates)
+                done.add(task_id)
+                if crng.random() < 0.1:
+                    with contextlib.suppress(requests.RequestException):
+                        r = s.post(f"{p['base']}/v1/tasks/{task_id}/cancel", timeout=15)
+                        if r.status_code == 200:
+                            report.cancels += 1
+
+        threading.Thread(target=canceller, daemon=True).start()
 
         # Faults, spread over the submission phase.
         faults = (

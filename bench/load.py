@@ -1,0 +1,224 @@
+"""Load generators and probes shared by the benchmarks: HTTP clients, a webhook receiver, RSS.
+
+Everything here talks to 127.0.0.1 only and every loop is bounded twice, by a
+count and by a deadline, so a benchmark always ends by itself even when the
+system under test stalls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import requests
+
+from bench.harness import summary
+
+
+@dataclass
+class LoadResult:
+    """What ``hammer`` saw: successes, failures, the wall time and per-request latencies (ms)."""
+
+    ok: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    first_error: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "rate_per_s": round(self.rate, 1),
+            "latency_ms": summary(self.latencies_ms),
+            "first_error": self.first_error,
+        }
+
+
+def hammer(
+    url: str,
+    make_body: Callable[[int], dict[str, Any]],
+    *,
+    clients: int,
+    total: int,
+    max_seconds: float,
+    headers: dict[str, str] | None = None,
+    expect: tuple[int, ...] = (200, 202),
+) -> LoadResult:
+    """POST ``total`` requests with ``clients`` concurrent keep-alive sessions; stop at ``max_seconds``.
+
+    Threads are enough: the client spends its time waiting on sockets, and
+    the same generator drives Waybill and its baseline, so whatever it costs
+    on the shared cores it costs both sides alike.
+    """
+    counter = itertools.count()
+    deadline = time.monotonic() + max_seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    first_error = [""]
+    start_gate = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        session = requests.Session()
+        if headers:
+            session.headers.update(headers)
+        mine: list[float] = []
+        failed = 0
+        start_gate.wait()
+        while time.monotonic() < deadline:
+            i = next(counter)  # itertools.count is atomic under the GIL
+            if i >= total:
+                break
+            t0 = time.perf_counter()
+            try:
+                r = session.post(url, json=make_body(i), timeout=30)
+                good = r.status_code in expect
+                detail = f"HTTP {r.status_code}: {r.text[:200]}"
+            except requests.RequestException as exc:
+                good, detail = False, f"{type(exc).__name__}: {exc}"[:200]
+            if good:
+                mine.append((time.perf_counter() - t0) * 1000)
+            else:
+                failed += 1
+                with lock:
+                    first_error[0] = first_error[0] or detail
+        session.close()
+        with lock:
+            latencies.extend(mine)
+            errors[0] += failed
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    start_gate.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join(max_seconds + 60)
+    elapsed = time.perf_counter() - started
+    return LoadResult(len(latencies), errors[0], elapsed, latencies, first_error[0])
+
+
+def poll_until(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "a condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers 204 at once and notes when each event arrived.
+
+    Arrival times are ``time.perf_counter()`` of this process, so a benchmark
+    that submits from the same process can subtract them from its own clock.
+    """
+
+    arrivals: dict[str, float] = field(default_factory=dict)  # task id -> first arrival
+    times: list[float] = field(default_factory=list)  # every arrival, duplicates included
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)
+    server: ThreadingHTTPServer | None = None
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def start(self) -> Receiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                at = time.perf_counter()
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                task_id = ""
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    task_id = json.loads(body)["data"]["id"]
+                with receiver.cond:
+                    receiver.times.append(at)
+                    receiver.arrivals.setdefault(task_id, at)
+                    receiver.cond.notify_all()
+
+            def log_message(self, *_args: Any) -> None:  # quiet: one line per event is noise
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        self.server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        return self
+
+    def wait_for(self, task_id: str, timeout: float) -> float | None:
+        """The arrival time of ``task_id``'s event, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while task_id not in self.arrivals:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+            return self.arrivals[task_id]
+
+    def received(self) -> int:
+        with self.lock:
+            return len(self.arrivals)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@contextlib.contextmanager
+def receiver() -> Iterator[Receiver]:
+    r = Receiver().start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def rss_mib(pid: int) -> float:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).memory_info().rss) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+def children(pid: int) -> list[int]:
+    """Direct children: gunicorn's workers under its arbiter, Celery's pool under its main process."""
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
