@@ -34,7 +34,12 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def _sqlite_begin_deferred(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN")
+
+
+def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
+    """An engine; SQLite ``read_only`` engines begin DEFERRED: readers never queue for the write lock."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -46,7 +51,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             **kwargs,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
+        event.listen(engine, "begin", _sqlite_begin_deferred if read_only else _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
@@ -61,6 +66,15 @@ class Database:
         self.url = url
         self.engine = make_engine(url, **engine_kwargs)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: a second engine whose transactions begin DEFERRED, for
+        # requests that only read (polls, lists, authentication): in WAL mode
+        # they then run beside the writer instead of waiting for its lock.
+        if self.engine.dialect.name == "sqlite":
+            self.read_engine = make_engine(url, read_only=True, **engine_kwargs)
+            self.read_sessionmaker = sessionmaker(self.read_engine, expire_on_commit=False)
+        else:
+            self.read_engine = self.engine
+            self.read_sessionmaker = self.sessionmaker
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -68,8 +82,16 @@ class Database:
         with self.sessionmaker() as session, session.begin():
             yield session
 
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A session for reads only; never write through it."""
+        with self.read_sessionmaker() as session, session.begin():
+            yield session
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
 
 def rowcount(result: Result[Any]) -> int:

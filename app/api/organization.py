@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from app.api.requests import organization_id, session, waybill
+from app.api.requests import organization_id, read_session, session, waybill
 from app.services import organizations
 
 bp = Blueprint("organization", __name__, url_prefix="/v1")
@@ -13,7 +13,7 @@ bp = Blueprint("organization", __name__, url_prefix="/v1")
 @bp.get("/organization")
 def get_organization() -> Response:
     org_id = organization_id()
-    with session() as s:
+    with read_session() as s:
         org = organizations.get_organization(s, org_id)
         return jsonify(
             {
@@ -47,7 +47,7 @@ def list_task_types() -> Response:
 @bp.get("/webhook-secret")
 def get_webhook_secret() -> Response:
     org_id = organization_id()
-    with session() as s:
+    with read_session() as s:
         return jsonify({"secret": organizations.get_organization(s, org_id).webhook_secret})
 
 

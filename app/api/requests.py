@@ -45,6 +45,12 @@ def session() -> Iterator[Session]:
         yield s
 
 
+@contextmanager
+def read_session() -> Iterator[Session]:
+    with waybill().db.read_session() as s:
+        yield s
+
+
 def init_app(app: Flask) -> None:
     @app.before_request
     def _request_id() -> None:
@@ -122,7 +128,7 @@ def organization_id() -> str:
     if scheme.lower() != "bearer" or not token.strip():
         _note_auth_failure()
         raise Unauthorized("Send your API key as `Authorization: Bearer <key>`.")
-    with session() as s:
+    with read_session() as s:
         org = organizations.authenticate(s, token.strip())
         if org is None:
             _note_auth_failure()
@@ -169,4 +175,4 @@ def json_body() -> dict[str, Any]:
     return body
 
 
-__all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "session", "waybill"]
+__all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "read_session", "session", "waybill"]

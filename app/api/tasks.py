@@ -12,7 +12,7 @@ import redis
 from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import ValidationError
 
-from app.api.requests import json_body, organization_id, session, waybill
+from app.api.requests import json_body, organization_id, read_session, session, waybill
 from app.api.schemas import ListTasksQuery, SubmitTaskSchema
 from app.metrics import SUBMISSIONS, TASKS_FINISHED
 from app.models import TaskStatus
@@ -123,7 +123,7 @@ def _hold(
     latest = {"task": current}
 
     def is_final() -> bool:
-        with session() as s:
+        with read_session() as s:
             latest["task"] = represent(tasks.get_task(s, org_id, task_id))
         return TaskStatus(latest["task"]["status"]).is_final
 
@@ -140,7 +140,7 @@ def _hold(
 @bp.get("/<task_id>")
 def get_task(task_id: str) -> Response:
     org_id = organization_id()
-    with session() as s:
+    with read_session() as s:
         representation = represent(tasks.get_task(s, org_id, task_id))
     wait = parse_prefer_wait(request.headers.get("Prefer"))
     if wait is None:
@@ -156,7 +156,7 @@ def list_tasks() -> Response:
         query = ListTasksQuery().load(request.args.to_dict())
     except ValidationError as exc:
         raise ValidationFailed(messages_to_errors(exc.messages)) from None
-    with session() as s:
+    with read_session() as s:
         rows, next_cursor = tasks.list_tasks(
             s,
             org_id,
@@ -199,7 +199,7 @@ def cancel_task(task_id: str) -> Response:
 @bp.get("/<task_id>/deliveries")
 def list_deliveries(task_id: str) -> Response:
     org_id = organization_id()
-    with session() as s:
+    with read_session() as s:
         tasks.get_task(s, org_id, task_id)
         return jsonify({"data": deliveries.list_for_task(s, task_id)})
 

@@ -1,0 +1,219 @@
+"""Processing throughput: echo tasks from ``queued`` to ``succeeded``, against raw Celery.
+
+Waybill: a backlog of waiting echo tasks is put in SQL and in the
+organization's waiting list (as submissions leave them, see
+``Platform.fill``), the ``webhooks,maintenance`` worker and beat run as in the
+Procfile, then the ``tasks`` worker starts with ``--concurrency C``. Every task
+goes the whole way: dispatch step, Celery message, SQL claim, lease, handler,
+result recorded once, slot released, next step. The rate is the number of
+tasks that reached ``succeeded`` in SQL during a fixed window, after the
+first second of progress (imports and connections warm up then).
+
+Baseline: the same number of worker processes of a raw Celery app with the
+same worker settings (``bench/baseline_app.py``) draining a queue of no-op
+messages, counted the same way (messages gone from the queue per second).
+
+Both run at concurrency 1 and 2 (item 3 of the issue: how throughput grows
+from one worker process to two on this machine). Target: Waybill >= 0.6 x raw
+Celery at the Procfile's concurrency (2).
+
+    python bench/processing.py [--db sqlite|postgresql|both] [--window 10] [--concurrency 2 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from bench.baseline_app import NOOP, QUEUE, make_celery
+from bench.harness import DB_KINDS, Platform, platform, write_results
+from bench.report import bar_chart, table
+
+
+def measure_window(
+    progress: Callable[[], int],
+    *,
+    available: int,
+    warmup: float,
+    window: float,
+    timeout: float = 120.0,
+    interval: float = 0.1,
+) -> dict[str, float]:
+    """Units of work done per second over ``window`` seconds, once work has started and warmed up.
+
+    ``progress()`` counts work done since the workers started; ``available``
+    is all the work there is. If it runs out before the window ends, the rate
+    is taken over the shorter span (it is still a rate at full load).
+    """
+    started = time.monotonic()
+    while progress() <= 0:
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"no progress within {timeout:.0f} s (see the worker logs)")
+        time.sleep(interval / 2)
+    first_progress = time.monotonic() - started
+    time.sleep(warmup)
+    a, ta = progress(), time.monotonic()
+    b, tb = a, ta
+    while tb - ta < window and b < available:
+        time.sleep(interval)
+        b, tb = progress(), time.monotonic()
+    return {
+        "rate_per_s": (b - a) / (tb - ta) if tb > ta else float("nan"),
+        "counted": b - a,
+        "seconds": round(tb - ta, 3),
+        "startup_s": round(first_progress, 2),
+        "exhausted": b >= available,
+    }
+
+
+def publish_noops(redis_url: str, count: int) -> float:
+    """Queue ``count`` no-op messages for the baseline worker; returns the seconds it took."""
+    celery = make_celery(redis_url)
+    # The preload is not measured: skip the per-publish "task-sent" event so
+    # it takes a second rather than several. The worker's settings are untouched.
+    celery.conf.task_send_sent_event = False
+    started = time.monotonic()
+    with celery.producer_or_acquire() as producer:
+        for i in range(count):
+            celery.send_task(NOOP, args=[i], queue=QUEUE, producer=producer)
+    return time.monotonic() - started
+
+
+def waybill_rate(p: Platform, org_id: str, concurrency: int, fill: int, window: float) -> dict[str, Any]:
+    p.fill(org_id, fill)
+    before = p.count_status("succeeded")
+    available = p.count_status("queued")
+    proc = p.worker("worker", queues="tasks", concurrency=concurrency)
+    try:
+        out = measure_window(
+            lambda: p.count_status("succeeded") - before, available=available, warmup=1.0, window=window
+        )
+    finally:
+        p.stop_one(proc)
+    return out
+
+
+def raw_rate(p: Platform, concurrency: int, messages: int, window: float) -> dict[str, Any]:
+    client = redis.Redis.from_url(p.redis.url)
+    client.delete(QUEUE)
+    publish_s = publish_noops(p.redis.url, messages)
+    proc = p.worker("baseline-worker", queues=QUEUE, concurrency=concurrency, app="bench.baseline_app")
+    try:
+        out = measure_window(
+            lambda: messages - int(client.llen(QUEUE)), available=messages, warmup=1.0, window=window
+        )
+    finally:
+        p.stop_one(proc)
+        client.delete(QUEUE)
+        client.close()
+    out["publish_s"] = round(publish_s, 2)
+    return out
+
+
+def run(
+    db_kind: str,
+    *,
+    concurrencies: tuple[int, ...] = (2, 1),
+    window: float = 10.0,
+    fill: int = 4000,
+    messages: int = 6000,
+    **env: str,
+) -> dict[str, Any]:
+    """Both sides at each concurrency, in one platform (one database, one Redis)."""
+    results: dict[str, Any] = {"db": db_kind, "waybill": {}, "raw_celery": {}}
+    with platform(db_kind, **env) as p:
+        org_id, _ = p.org("bench-processing", concurrency_limit=100)
+        # As the Procfile: deliveries and the maintenance queue (dispatch
+        # steps every second, the sweep) on their own worker, and beat.
+        p.worker("webhooks", queues="webhooks,maintenance", concurrency=4)
+        p.beat()
+        for c in concurrencies:
+            results["waybill"][str(c)] = waybill_rate(p, org_id, c, fill, window)
+            results["raw_celery"][str(c)] = raw_rate(p, c, messages, window)
+    for side in ("waybill", "raw_celery"):
+        by_c = results[side]
+        if "1" in by_c and "2" in by_c:
+            by_c["scaling_1_to_2"] = by_c["2"]["rate_per_s"] / by_c["1"]["rate_per_s"]
+    top = str(max(concurrencies))
+    results["ratio"] = results["waybill"][top]["rate_per_s"] / results["raw_celery"][top]["rate_per_s"]
+    results["ratio_concurrency"] = int(top)
+    return results
+
+
+def print_results(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in results:
+        for c in sorted((k for k in r["waybill"] if k.isdigit()), reverse=True):
+            w, b = r["waybill"][c]["rate_per_s"], r["raw_celery"][c]["rate_per_s"]
+            rows.append([r["db"], int(c), w, b, w / b])
+        rows.append(
+            [
+                r["db"],
+                "1->2",
+                r["waybill"].get("scaling_1_to_2", float("nan")),
+                r["raw_celery"].get("scaling_1_to_2", float("nan")),
+                "",
+            ]
+        )
+    table(
+        "Processing throughput, tasks/s (echo: queued -> succeeded; raw Celery: no-op)   target >= 0.6",
+        ["db", "processes", "waybill", "raw celery", "ratio"],
+        rows,
+        digits=2,
+    )
+
+
+def chart(results: list[dict[str, Any]]) -> None:
+    groups, waybill, raw = [], [], []
+    for r in results:
+        for c in sorted((k for k in r["waybill"] if k.isdigit()), reverse=True):
+            groups.append(f"{r['db']}\nconcurrency {c}")
+            waybill.append(r["waybill"][c]["rate_per_s"])
+            raw.append(r["raw_celery"][c]["rate_per_s"])
+    bar_chart(
+        "processing",
+        "Processing throughput (tasks/s)",
+        groups,
+        {"waybill echo": waybill, "raw celery no-op": raw},
+        "tasks/s",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--db", choices=[*DB_KINDS, "both"], default="both")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds measured per run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--fill", type=int, default=4000, help="waiting echo tasks added per run")
+    parser.add_argument("--messages", type=int, default=6000, help="no-op messages per baseline run")
+    parser.add_argument("--log-level", default="INFO", help="Waybill's LOG_LEVEL (production default INFO)")
+    args = parser.parse_args()
+    kinds = list(DB_KINDS) if args.db == "both" else [args.db]
+    results = [
+        run(
+            kind,
+            concurrencies=tuple(args.concurrency),
+            window=args.window,
+            fill=args.fill,
+            messages=args.messages,
+            LOG_LEVEL=args.log_level,
+        )
+        for kind in kinds
+    ]
+    print_results(results)
+    chart(results)
+    print(f"written: {write_results('processing', {'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
