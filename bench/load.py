@@ -160,7 +160,7 @@ class Receiver:
                 self.end_headers()
                 task_id = ""
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    task_id = json.loads(body)["data"]["id"]
+                    task_id = json.loads(body)["data"]["taskId"]
                 with receiver.cond:
                     receiver.times.append(at)
                     receiver.arrivals.setdefault(task_id, at)

@@ -31,11 +31,14 @@ def fmt(value: Any, digits: int = 1) -> str:
 def table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 1) -> str:
     cells = [[fmt(c, digits) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    # Label columns (text only) line up on the left, figures on the right.
+    text_cols = {
+        i for i in range(len(headers)) if all(isinstance(row[i], str) for row in rows if row[i] != "")
+    }
 
     def line(values: Sequence[str]) -> str:
-        # The first column is a label (left); figures line up on the right.
         return "  ".join(
-            v.ljust(widths[i]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(values)
+            v.ljust(widths[i]) if i in text_cols else v.rjust(widths[i]) for i, v in enumerate(values)
         ).rstrip()
 
     out = [title, line(headers), line(["-" * w for w in widths])]
