@@ -32,7 +32,6 @@ class Settings:
     redis_url: str = ""  # empty: the embedded server's URL written under var_dir
     webhook_retry_base_seconds: float = 120.0
     webhook_timeout_seconds: float = 10.0
-    webhook_max_attempts: int = 5
     webhook_allow_private: bool = False
     fetch_allow_private: bool = False
     default_queue_limit: int = 100_000
@@ -63,7 +62,6 @@ class Settings:
     # Requests per web process that may hold for `Prefer: wait` at once; the
     # rest answer at once. Keep it below web_threads.
     wait_max_concurrent: int = 8
-    worker_concurrency: int = 2
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""
     log_level: str = "INFO"
