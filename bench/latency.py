@@ -115,7 +115,7 @@ def print_results(results: list[dict[str, Any]]) -> None:
             s = r[kind]
             rows.append([r["db"], label, s["p50"], s["p95"], s["p99"]])
         rows.append([r["db"], "webhook p50 / raw p50", r["webhook_p50_ratio"], "", ""])
-    table("Idle latency, ms (one client, one task at a time)   target: webhook p50 < 3 x raw", 
+    table("Idle latency, ms (one client, one task at a time)   target: webhook p50 < 3 x raw",
           ["db", "path", "p50", "p95", "p99"], rows, digits=1)
 
 
