@@ -113,18 +113,26 @@ def sweep_task() -> dict[str, int]:
     with wb.db.session() as session:
         found = sweep.plan(session, grace_seconds=s.sweep_grace_seconds)
     enqueue_from_sql(wb.db, wb.dispatcher, found.task_ids)
+    enqueue_from_sql(wb.db, wb.dispatcher, found.orphaned_ids, drop_leases=True)
     dispatch_step(wb.dispatcher, wb.publisher)
     for delivery_id in found.delivery_ids:
         dispatch_delivery(wb.publisher, delivery_id)
-    if found.task_ids or found.delivery_ids:
+    if found.task_ids or found.orphaned_ids or found.delivery_ids:
         log.info(
             "sweep republished",
             extra={
                 "event": "sweep.republished",
-                "status": f"tasks={len(found.task_ids)} webhooks={len(found.delivery_ids)}",
+                "status": (
+                    f"tasks={len(found.task_ids)} orphaned={len(found.orphaned_ids)} "
+                    f"webhooks={len(found.delivery_ids)}"
+                ),
             },
         )
-    return {"tasks": len(found.task_ids), "webhooks": len(found.delivery_ids)}
+    return {
+        "tasks": len(found.task_ids),
+        "orphaned": len(found.orphaned_ids),
+        "webhooks": len(found.delivery_ids),
+    }
 
 
 @shared_task(name="waybill.maintenance.dispatch")

@@ -296,8 +296,14 @@ def dispatch_delivery(publisher: Publisher, delivery_id: str | None, countdown: 
     return True
 
 
-def enqueue_from_sql(db: Database, dispatcher: Dispatcher, task_ids: Iterable[str]) -> int:
-    """Put tasks that SQL says are waiting (or whose run died) back into dispatch, at the front."""
+def enqueue_from_sql(
+    db: Database, dispatcher: Dispatcher, task_ids: Iterable[str], *, drop_leases: bool = False
+) -> int:
+    """Put tasks that SQL says are waiting (or whose run died) back into dispatch, at the front.
+
+    ``drop_leases``: the tasks' runs are known dead (their SQL lease expired),
+    so a dispatch lease Redis may still hold for them is stale and is dropped.
+    """
     ids = list(task_ids)
     if not ids:
         return 0
@@ -310,6 +316,8 @@ def enqueue_from_sql(db: Database, dispatcher: Dispatcher, task_ids: Iterable[st
         ).all()
     added = 0
     for task_id, org_id, limit in rows:
+        if drop_leases:
+            dispatcher.release(task_id)
         added += dispatcher.enqueue(org_id, task_id, limit, front=True)
     if rows:
         with db.session() as session:

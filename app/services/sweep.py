@@ -32,7 +32,11 @@ BATCH = 500
 
 @dataclass
 class SweepPlan:
-    task_ids: list[str] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)  # queued, never entered dispatch
+    # running, SQL lease expired a grace period ago: no live run holds them,
+    # whatever Redis still says, so their dispatch lease is dropped and they
+    # go back to the front of their organization's list.
+    orphaned_ids: list[str] = field(default_factory=list)
     delivery_ids: list[str] = field(default_factory=list)
 
 
@@ -54,8 +58,8 @@ def plan(
         Task.status == TaskStatus.RUNNING.value,
         Task.lease_expires_at < grace,
     )
-    for query in (never_published, lease_expired):
-        out.task_ids.extend(session.execute(query.limit(BATCH)).scalars())
+    out.task_ids.extend(session.execute(never_published.limit(BATCH)).scalars())
+    out.orphaned_ids.extend(session.execute(lease_expired.limit(BATCH)).scalars())
     overdue = (
         select(WebhookDelivery.id)
         .where(

@@ -128,3 +128,18 @@ def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
     server.connected = True
     assert dispatch.enqueue_from_sql(db, d, [submitted.task.id]) == 1
     assert d.step() == [submitted.task.id]
+
+
+def test_an_orphaned_run_comes_back_even_when_redis_holds_a_stale_lease(
+    db: Database, org: Org, r: fakeredis.FakeRedis
+) -> None:
+    d = make(r, lease=3600)
+    with db.session() as s:
+        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+    task_id = submitted.task.id
+    d.enqueue(org.id, task_id, 10)
+    assert d.step() == [task_id]  # released with an hour-long lease, then its worker dies
+    assert not d.enqueue(org.id, task_id, 10)  # a plain enqueue respects the lease
+    assert d.step() == []
+    assert dispatch.enqueue_from_sql(db, d, [task_id], drop_leases=True) == 1
+    assert d.step() == [task_id]
