@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 def _config() -> ChaosConfig:
     env = os.environ
     return ChaosConfig(
-        tasks=int(env.get("CHAOS_TASKS", "200")),
+        tasks=int(env.get("CHAOS_TASKS", "150")),
         worker_kills=int(env.get("CHAOS_WORKER_KILLS", "2")),
         child_kills=int(env.get("CHAOS_CHILD_KILLS", "2")),
         redis_restarts=int(env.get("CHAOS_REDIS_RESTARTS", "1")),

@@ -195,8 +195,8 @@ def run_machine(db: Database) -> None:
     run_state_machine_as_test(
         Books,
         settings=settings(
-            max_examples=40,
-            stateful_step_count=25,
+            max_examples=30,
+            stateful_step_count=20,
             deadline=None,
             suppress_health_check=list(HealthCheck),
             derandomize=True,
