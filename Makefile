@@ -45,8 +45,10 @@ chaos: install
 	CHAOS_REPORT=$${CHAOS_REPORT:-tests/chaos/last-run.json} \
 	$(BIN)/pytest tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
 
+# make bench: the whole suite (under 15 minutes); make bench BENCH_ARGS=--quick: a 2-minute smoke run.
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

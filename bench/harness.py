@@ -279,7 +279,7 @@ class Platform:
         batch = 5_000
         for start in range(0, count, batch):
             now = utcnow()
-            rows = [
+            rows: list[dict[str, Any]] = [
                 {
                     "id": ids.task_id(),
                     "organization_id": org_id,
@@ -304,7 +304,7 @@ class Platform:
                     .where(Organization.id == org_id)
                     .values(queued=Organization.queued + len(rows))
                 )
-            task_ids = [r["id"] for r in rows]
+            task_ids: list[str] = [r["id"] for r in rows]
             pipe = client.pipeline(transaction=False)
             pipe.rpush(waiting_key(org_id), *task_ids)
             pipe.sadd(KNOWN, *task_ids)
@@ -319,14 +319,14 @@ class Platform:
 
     def count_status(self, status: str) -> int:
         """Tasks in ``status``, from SQL (the source of truth), in a short connection."""
-        engine = self._probe_engine()
+        engine = self.probe_engine()
         with engine.connect() as conn:
             return int(
                 conn.execute(text("SELECT count(*) FROM tasks WHERE status = :s"), {"s": status}).scalar()
                 or 0
             )
 
-    def _probe_engine(self) -> Any:
+    def probe_engine(self) -> Any:
         # One small engine for the benchmark's own reads; plain connections, no
         # BEGIN IMMEDIATE, so polling never takes SQLite's write lock.
         if self._engine is None:

@@ -115,8 +115,12 @@ def print_results(results: list[dict[str, Any]]) -> None:
             s = r[kind]
             rows.append([r["db"], label, s["p50"], s["p95"], s["p99"]])
         rows.append([r["db"], "webhook p50 / raw p50", r["webhook_p50_ratio"], "", ""])
-    table("Idle latency, ms (one client, one task at a time)   target: webhook p50 < 3 x raw",
-          ["db", "path", "p50", "p95", "p99"], rows, digits=1)
+    table(
+        "Idle latency, ms (one client, one task at a time)   target: webhook p50 < 3 x raw",
+        ["db", "path", "p50", "p95", "p99"],
+        rows,
+        digits=1,
+    )
 
 
 def chart(results: list[dict[str, Any]]) -> None:
@@ -126,7 +130,11 @@ def chart(results: list[dict[str, Any]]) -> None:
         "latency",
         "Idle latency (ms)",
         groups,
-        {"p50": [s["p50"] for s in stats], "p95": [s["p95"] for s in stats], "p99": [s["p99"] for s in stats]},
+        {
+            "p50": [s["p50"] for s in stats],
+            "p95": [s["p95"] for s in stats],
+            "p99": [s["p99"] for s in stats],
+        },
         "ms",
     )
 

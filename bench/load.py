@@ -54,10 +54,13 @@ def hammer(
     clients: int,
     total: int,
     max_seconds: float,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[dict[str, str]] | None = None,
     expect: tuple[int, ...] = (200, 202),
 ) -> LoadResult:
     """POST ``total`` requests with ``clients`` concurrent keep-alive sessions; stop at ``max_seconds``.
+
+    ``headers`` may be a list: client *k* then sends ``headers[k % len]``
+    (one API key per client, to spread the load over organizations).
 
     Threads are enough: the client spends its time waiting on sockets, and
     the same generator drives Waybill and its baseline, so whatever it costs
@@ -71,9 +74,11 @@ def hammer(
     first_error = [""]
     start_gate = threading.Barrier(clients + 1)
 
-    def client() -> None:
+    def client(k: int) -> None:
         session = requests.Session()
-        if headers:
+        if isinstance(headers, list):
+            session.headers.update(headers[k % len(headers)])
+        elif headers:
             session.headers.update(headers)
         mine: list[float] = []
         failed = 0
@@ -100,7 +105,7 @@ def hammer(
             latencies.extend(mine)
             errors[0] += failed
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
     start_gate.wait()
@@ -222,3 +227,14 @@ def children(pid: int) -> list[int]:
         return [c.pid for c in psutil.Process(pid).children()]
     except psutil.Error:
         return []
+
+
+def wait_children(pid: int, count: int, timeout: float = 60.0) -> list[int]:
+    """The process's children once there are ``count`` of them (a pool forks after start-up)."""
+    found: list[int] = poll_until(
+        lambda: kids if len(kids := children(pid)) >= count else None,
+        timeout=timeout,
+        interval=0.2,
+        what=f"{count} child processes of {pid}",
+    )
+    return found

@@ -7,7 +7,8 @@ Procfile, then the ``tasks`` worker starts with ``--concurrency C``. Every task
 goes the whole way: dispatch step, Celery message, SQL claim, lease, handler,
 result recorded once, slot released, next step. The rate is the number of
 tasks that reached ``succeeded`` in SQL during a fixed window, after the
-first second of progress (imports and connections warm up then).
+first second of progress (imports and connections warm up then), summed
+over ``--rounds`` runs taken in turn with the baseline's.
 
 Baseline: the same number of worker processes of a raw Celery app with the
 same worker settings (``bench/baseline_app.py``) draining a queue of no-op
@@ -17,7 +18,7 @@ Both run at concurrency 1 and 2 (item 3 of the issue: how throughput grows
 from one worker process to two on this machine). Target: Waybill >= 0.6 x raw
 Celery at the Procfile's concurrency (2).
 
-    python bench/processing.py [--db sqlite|postgresql|both] [--window 10] [--concurrency 2 1]
+    python bench/processing.py [--db sqlite|postgresql|both] [--window 5] [--rounds 2] [--concurrency 2 1]
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def publish_noops(redis_url: str, count: int) -> float:
     celery.send_task(NOOP, args=[0], queue=QUEUE)
     client = redis.Redis.from_url(redis_url)
     raw = client.lpop(QUEUE)
-    assert raw is not None, "the template message did not reach the queue"
+    assert isinstance(raw, bytes), "the template message did not reach the queue"
     template = json.loads(raw)
     batch = 1000
     for start in range(0, count, batch):
@@ -138,26 +139,55 @@ def raw_rate(p: Platform, concurrency: int, messages: int, window: float) -> dic
     return out
 
 
+def combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one side at one concurrency: work counted over time counted, and each round's rate."""
+    counted = sum(x["counted"] for x in parts)
+    seconds = sum(x["seconds"] for x in parts)
+    return {
+        "rate_per_s": counted / seconds if seconds else float("nan"),
+        "counted": counted,
+        "seconds": round(seconds, 3),
+        "rounds": [round(x["rate_per_s"], 1) for x in parts],
+        "startup_s": [x["startup_s"] for x in parts],
+        "exhausted": any(x["exhausted"] for x in parts),
+    }
+
+
 def run(
     db_kind: str,
     *,
     concurrencies: tuple[int, ...] = (2, 1),
-    window: float = 10.0,
-    fill: int = 4000,
-    messages: int = 6000,
+    window: float = 5.0,
+    rounds: int = 2,
+    fill: int = 3000,
+    messages: int = 4000,
     **env: str,
 ) -> dict[str, Any]:
-    """Both sides at each concurrency, in one platform (one database, one Redis)."""
-    results: dict[str, Any] = {"db": db_kind, "waybill": {}, "raw_celery": {}}
+    """Both sides at each concurrency, ``rounds`` times in turn, in one platform (one database, one Redis).
+
+    Taking turns (Waybill 2, raw 2, Waybill 1, raw 1, then again) spreads a
+    noisy neighbour's bursts over every figure instead of one.
+    """
+    parts: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "waybill": {str(c): [] for c in concurrencies},
+        "raw_celery": {str(c): [] for c in concurrencies},
+    }
     with platform(db_kind, **env) as p:
         org_id, _ = p.org("bench-processing", concurrency_limit=100)
         # As the Procfile: deliveries and the maintenance queue (dispatch
         # steps every second, the sweep) on their own worker, and beat.
         p.worker("webhooks", queues="webhooks,maintenance", concurrency=4)
         p.beat()
-        for c in concurrencies:
-            results["waybill"][str(c)] = waybill_rate(p, org_id, c, fill, window)
-            results["raw_celery"][str(c)] = raw_rate(p, c, messages, window)
+        for _ in range(rounds):
+            for c in concurrencies:
+                parts["waybill"][str(c)].append(waybill_rate(p, org_id, c, fill, window))
+                parts["raw_celery"][str(c)].append(raw_rate(p, c, messages, window))
+    results: dict[str, Any] = {
+        "db": db_kind,
+        "window_s": window,
+        "rounds": rounds,
+        **{side: {c: combine(x) for c, x in by_c.items()} for side, by_c in parts.items()},
+    }
     for side in ("waybill", "raw_celery"):
         by_c = results[side]
         if "1" in by_c and "2" in by_c:
@@ -212,10 +242,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--db", choices=[*DB_KINDS, "both"], default="both")
-    parser.add_argument("--window", type=float, default=10.0, help="seconds measured per run")
+    parser.add_argument("--window", type=float, default=5.0, help="seconds measured per run")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per side and concurrency, in turn")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--fill", type=int, default=4000, help="waiting echo tasks added per run")
-    parser.add_argument("--messages", type=int, default=6000, help="no-op messages per baseline run")
+    parser.add_argument("--fill", type=int, default=3000, help="waiting echo tasks added per run")
+    parser.add_argument("--messages", type=int, default=4000, help="no-op messages per baseline run")
     parser.add_argument("--log-level", default="INFO", help="Waybill's LOG_LEVEL (production default INFO)")
     args = parser.parse_args()
     kinds = list(DB_KINDS) if args.db == "both" else [args.db]
@@ -224,6 +255,7 @@ def main() -> None:
             kind,
             concurrencies=tuple(args.concurrency),
             window=args.window,
+            rounds=args.rounds,
             fill=args.fill,
             messages=args.messages,
             LOG_LEVEL=args.log_level,

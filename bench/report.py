@@ -8,7 +8,7 @@ says that it skipped the picture.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ def bar_chart(
     name: str,
     title: str,
     groups: Sequence[str],
-    series: dict[str, Sequence[float]],
+    series: Mapping[str, Sequence[float]],
     ylabel: str,
 ) -> Path | None:
     """Grouped bars: one group per label in ``groups``, one bar per series; returns the PNG path."""
@@ -117,7 +117,7 @@ def bar_chart(
 def summary_chart(
     name: str,
     targets: Sequence[Target],
-    panels: Sequence[tuple[str, str, Sequence[str], dict[str, Sequence[float]]]],
+    panels: Sequence[tuple[str, str, Sequence[str], Mapping[str, Sequence[float]]]],
 ) -> Path | None:
     """The suite's picture: each target's ratio against its band, then one panel per figure.
 

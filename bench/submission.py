@@ -49,13 +49,20 @@ def combine(parts: list[LoadResult]) -> dict[str, Any]:
 
 
 def measure(
-    p: Platform, key: str, workers: int, *, clients: int, window: float, rounds: int, max_requests: int
+    p: Platform,
+    keys: list[str],
+    workers: int,
+    *,
+    clients: int,
+    window: float,
+    rounds: int,
+    max_requests: int,
 ) -> dict[str, Any]:
     web = p.serve(workers=workers)
     base = p.baseline_web(workers=workers)
-    targets = {
-        "waybill": (p.base_url + "/v1/tasks", {"Authorization": f"Bearer {key}"}),
-        "baseline": (p.baseline_url + "/baseline/tasks", {}),
+    targets: dict[str, tuple[str, list[dict[str, str]]]] = {
+        "waybill": (p.base_url + "/v1/tasks", [{"Authorization": f"Bearer {k}"} for k in keys]),
+        "baseline": (p.baseline_url + "/baseline/tasks", [{}]),
     }
     try:
         # Warm-up, not counted: every gunicorn worker and thread has served,
@@ -66,7 +73,9 @@ def measure(
         for _ in range(rounds):
             for name, (url, headers) in targets.items():
                 parts[name].append(
-                    hammer(url, body, clients=clients, total=max_requests, max_seconds=window, headers=headers)
+                    hammer(
+                        url, body, clients=clients, total=max_requests, max_seconds=window, headers=headers
+                    )
                 )
     finally:
         p.stop_one(web)
@@ -84,14 +93,16 @@ def run(
     rounds: int = 2,
     web_workers: tuple[int, ...] = (2, 1),
     max_requests: int = 50_000,
+    orgs: int = 1,
     **env: str,
 ) -> dict[str, Any]:
-    results: dict[str, Any] = {"db": db_kind, "clients": clients, "by_workers": {}}
+    """``orgs`` > 1 spreads the clients over that many organizations (one is the issue's case)."""
+    results: dict[str, Any] = {"db": db_kind, "clients": clients, "orgs": orgs, "by_workers": {}}
     with platform(db_kind, **env) as p:
-        _, key = p.org("bench-submission", queue_limit=10_000_000)
+        keys = [p.org(f"bench-submission-{i}", queue_limit=10_000_000)[1] for i in range(orgs)]
         for w in web_workers:
             results["by_workers"][str(w)] = measure(
-                p, key, w, clients=clients, window=window, rounds=rounds, max_requests=max_requests
+                p, keys, w, clients=clients, window=window, rounds=rounds, max_requests=max_requests
             )
     by = results["by_workers"]
     top = str(max(web_workers))
@@ -99,7 +110,8 @@ def run(
     results["ratio_workers"] = int(top)
     if "1" in by and "2" in by:
         results["scaling_1_to_2"] = {
-            side: by["2"][side]["rate_per_s"] / by["1"][side]["rate_per_s"] for side in ("waybill", "baseline")
+            side: by["2"][side]["rate_per_s"] / by["1"][side]["rate_per_s"]
+            for side in ("waybill", "baseline")
         }
     return results
 
@@ -124,7 +136,8 @@ def print_results(results: list[dict[str, Any]]) -> None:
             sc = r["scaling_1_to_2"]
             rows.append([r["db"], "1->2", sc["waybill"], sc["baseline"], "", "", "", ""])
     table(
-        f"Submission throughput, requests/s ({results[0]['clients']} clients)   target >= 0.7",
+        f"Submission throughput, requests/s ({results[0]['clients']} clients, "
+        f"{results[0].get('orgs', 1)} organization(s))   target >= 0.7",
         ["db", "gunicorn workers", "waybill", "baseline", "ratio", "waybill p50 ms", "base p50 ms", "errors"],
         rows,
         digits=2,
@@ -156,6 +169,9 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=8.0, help="seconds per measured round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--web-workers", type=int, nargs="+", default=[2, 1])
+    parser.add_argument(
+        "--orgs", type=int, default=1, help="spread the clients over this many organizations (default 1)"
+    )
     parser.add_argument("--log-level", default="INFO", help="Waybill's LOG_LEVEL (production default INFO)")
     args = parser.parse_args()
     kinds = list(DB_KINDS) if args.db == "both" else [args.db]
@@ -166,6 +182,7 @@ def main() -> None:
             window=args.window,
             rounds=args.rounds,
             web_workers=tuple(args.web_workers),
+            orgs=args.orgs,
             LOG_LEVEL=args.log_level,
         )
         for k in kinds

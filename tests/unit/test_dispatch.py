@@ -135,7 +135,9 @@ def test_an_orphaned_run_comes_back_even_when_redis_holds_a_stale_lease(
 ) -> None:
     d = make(r, lease=3600)
     with db.session() as s:
-        submitted = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points())
+        submitted = tasks.submit(
+            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
+        )
     task_id = submitted.task.id
     d.enqueue(org.id, task_id, 10)
     assert d.step() == [task_id]  # released with an hour-long lease, then its worker dies
