@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,50 +92,60 @@ class TooManyAuthFailures(ServiceError):
         self.headers["Retry-After"] = str(retry_after)
 
 
-def _auth_failure_key() -> str:
+def _auth_failure_key(minute: int) -> str:
     # remote_addr: behind a reverse proxy, configure it to pass the client
     # address (werkzeug's ProxyFix) or this limits the proxy as a whole.
-    return f"waybill:authfail:{request.remote_addr or 'unknown'}:{int(time.time() // 60)}"
+    return f"waybill:authfail:{request.remote_addr or 'unknown'}:{minute}"
 
 
-def _check_auth_failures() -> None:
+# Addresses this process has seen go over the limit, until the end of that
+# minute: (address, minute). Only failures touch Redis (INCR returns the
+# count), so an authenticated request costs no Redis round trip; another
+# process learns of a blocked address at that address's next failure there.
+_blocked: set[tuple[str, int]] = set()
+_blocked_lock = threading.Lock()
+
+
+def _check_blocked(minute: int) -> None:
+    if (request.remote_addr or "unknown", minute) in _blocked:
+        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
+
+
+def _note_auth_failure(minute: int) -> None:
     limit = waybill().settings.auth_failures_per_minute
     if limit <= 0:
         return
     try:
-        count = int(waybill().redis.get(_auth_failure_key()) or 0)
-    except Exception:  # Redis away: authentication still works, unthrottled
-        return
-    if count >= limit:
-        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
-
-
-def _note_auth_failure() -> None:
-    try:
-        key = _auth_failure_key()
+        key = _auth_failure_key(minute)
         pipe = waybill().redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 120)
-        pipe.execute()
-    except Exception:
-        pass
+        count = int(pipe.execute()[0])
+    except Exception:  # Redis away: authentication still works, unthrottled
+        return
+    if count > limit:
+        with _blocked_lock:
+            _blocked.difference_update({b for b in _blocked if b[1] < minute})
+            _blocked.add((request.remote_addr or "unknown", minute))
+        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
 
 
 def organization_id() -> str:
     """The authenticated organization's id; 401, or 429 for an address that keeps failing."""
-    _check_auth_failures()
+    minute = int(time.time() // 60)
+    _check_blocked(minute)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        _note_auth_failure()
+        _note_auth_failure(minute)
         raise Unauthorized("Send your API key as `Authorization: Bearer <key>`.")
     with read_session() as s:
-        org = organizations.authenticate(s, token.strip())
-        if org is None:
-            _note_auth_failure()
-            raise Unauthorized("The API key is unknown or revoked.")
-        g.organization_id = org.id
-        return org.id
+        org_id = organizations.authenticate(s, token.strip())
+    if org_id is None:
+        _note_auth_failure(minute)
+        raise Unauthorized("The API key is unknown or revoked.")
+    g.organization_id = org_id
+    return org_id
 
 
 def _finite_float(text: str) -> float:
