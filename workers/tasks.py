@@ -100,6 +100,9 @@ def deliver_webhook(delivery_id: str) -> str:
     return result.outcome
 
 
+SWEEP_CONFIRM_BATCHES = 20
+
+
 @shared_task(name="waybill.maintenance.sweep")
 def sweep_task() -> dict[str, int]:
     wb = _waybill()
@@ -112,25 +115,36 @@ def sweep_task() -> dict[str, int]:
         )
     with wb.db.session() as session:
         found = sweep.plan(session, grace_seconds=s.sweep_grace_seconds)
-    enqueue_from_sql(wb.db, wb.dispatcher, found.task_ids)
-    enqueue_from_sql(wb.db, wb.dispatcher, found.orphaned_ids, drop_leases=True)
+    # Confirm new queued tasks against Redis, a batch at a time, until none
+    # is left or the bound is reached (the next sweep goes on): 20 batches
+    # of 500 every 5 s keeps up with 2,000 submissions a second.
+    confirmed = missing = 0
+    for _ in range(SWEEP_CONFIRM_BATCHES):
+        with wb.db.session() as session:
+            batch = sweep.unconfirmed(session, grace_seconds=s.sweep_grace_seconds)
+        missing += enqueue_from_sql(wb.db, wb.dispatcher, batch)
+        confirmed += len(batch)
+        if len(batch) < sweep.BATCH:
+            break
+    orphaned = enqueue_from_sql(wb.db, wb.dispatcher, found.orphaned_ids, drop_leases=True)
     dispatch_step(wb.dispatcher, wb.publisher)
     for delivery_id in found.delivery_ids:
         dispatch_delivery(wb.publisher, delivery_id)
-    if found.task_ids or found.orphaned_ids or found.delivery_ids:
+    if missing or found.orphaned_ids or found.delivery_ids:
         log.info(
             "sweep republished",
             extra={
                 "event": "sweep.republished",
                 "status": (
-                    f"tasks={len(found.task_ids)} orphaned={len(found.orphaned_ids)} "
-                    f"webhooks={len(found.delivery_ids)}"
+                    f"tasks={missing} orphaned={len(found.orphaned_ids)} webhooks={len(found.delivery_ids)}"
                 ),
             },
         )
     return {
-        "tasks": len(found.task_ids),
+        "confirmed": confirmed,
+        "tasks": missing,
         "orphaned": len(found.orphaned_ids),
+        "orphans_requeued": orphaned,
         "webhooks": len(found.delivery_ids),
     }
 

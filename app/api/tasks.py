@@ -18,7 +18,7 @@ from app.metrics import SUBMISSIONS, TASKS_FINISHED
 from app.models import TaskStatus
 from app.services import deliveries, tasks
 from app.services.dispatch import dispatch_delivery, dispatch_step, dispatch_task
-from app.services.errors import ValidationFailed, messages_to_errors
+from app.services.errors import QueueFull, ValidationFailed, messages_to_errors
 from app.services.representation import represent
 from app.services.waiting import notify_final, parse_prefer_wait
 
@@ -75,9 +75,14 @@ def submit_task() -> Response:
         idempotency_key=key,
         metadata=data["metadata"],
     )
-    with session() as s:
-        submitted = tasks.submit(s, org_id, req, registry=wb.registry, request_id=g.request_id)
-        representation = represent(submitted.task)
+    try:
+        with session() as s:
+            submitted = tasks.submit(s, org_id, req, registry=wb.registry, request_id=g.request_id)
+            representation = represent(submitted.task)
+    except QueueFull as exc:
+        with contextlib.suppress(redis.RedisError, RuntimeError):  # Redis away: the default estimate
+            exc.set_retry_after(tasks.retry_after(wb.dispatcher.drain_rate(org_id)))
+        raise
     location = f"/v1/tasks/{submitted.task.id}"
     wait = parse_prefer_wait(request.headers.get("Prefer"))
     if not submitted.created:
@@ -94,7 +99,7 @@ def submit_task() -> Response:
     SUBMISSIONS.labels("accepted").inc()
     if wb.settings.fault_crash_after_commit and random.random() < wb.settings.fault_crash_after_commit:
         os._exit(70)  # chaos suite only: die between the SQL commit and dispatch
-    dispatch_task(wb.db, wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
+    dispatch_task(wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
     log.info(
         "task accepted",
         extra={

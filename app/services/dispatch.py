@@ -12,6 +12,7 @@ which the sweep can rebuild from SQL at any time:
 ``waybill:lease:org``       hash task id -> organization
 ``waybill:climit``          hash organization -> concurrency limit
 ``waybill:epoch``           present while the state above is whole; gone = Redis lost it
+``waybill:drain``           hash organization -> "rate:ms", its recent release rate (for Retry-After)
 
 A *step* (one Lua script, atomic) first puts the tasks of expired leases back at
 the front of their organization's waiting list, then takes organizations from
@@ -22,15 +23,17 @@ therefore decided here, not in a long Celery queue: a newcomer waits about one
 turn of the ring, not behind another organization's backlog.
 
 Every crash between steps is covered: a released task whose message was never
-published (or was lost) comes back when its lease expires; a task that never
-entered Redis is enqueued by the sweep from ``dispatched_at IS NULL``; and a
-Redis that lost everything (no ``waybill:epoch``) is rebuilt from SQL.
+published (or was lost) comes back when its lease expires; the sweep checks every
+queued task it has not confirmed yet (``dispatched_at IS NULL``) against
+Redis and enqueues those that never entered it; and a Redis that lost
+everything (no ``waybill:epoch``) is rebuilt from SQL.
 The web side touches Celery only through :func:`dispatch_task`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +56,8 @@ LEASES = P + "leases"
 LEASE_ORG = P + "lease:org"
 CLIMIT = P + "climit"
 EPOCH = P + "epoch"
+DRAIN = P + "drain"
+DRAIN_TAU_SECONDS = 60.0  # time constant of the drain rate's exponential decay
 CELERY_TASKS_QUEUE = "tasks"  # kombu's Redis transport keeps a queue in a list of its name
 
 
@@ -90,12 +95,25 @@ end
 return 1
 """
 
-# KEYS: ring, ring members, known, climit, leases, lease:org, celery tasks queue
-# ARGV: now ms, lease ms, queue target, max release, key prefix
+# KEYS: ring, ring members, known, climit, leases, lease:org, celery tasks queue, drain
+# ARGV: now ms, lease ms, queue target, max release, key prefix, drain time constant ms
 _STEP = """
 local now = tonumber(ARGV[1])
 local lease = tonumber(ARGV[2])
 local prefix = ARGV[5]
+local tau = tonumber(ARGV[6])
+-- The organization's drain rate (tasks released per second), exponentially
+-- decayed: rate * exp(-dt / tau) + 1 / tau at every release.
+local function drained(org)
+  local rate = 0
+  local v = redis.call('HGET', KEYS[8], org)
+  if v then
+    local sep = string.find(v, ':', 1, true)
+    local dt = math.max(0, now - tonumber(string.sub(v, sep + 1)))
+    rate = tonumber(string.sub(v, 1, sep - 1)) * math.exp(-dt / tau)
+  end
+  redis.call('HSET', KEYS[8], org, string.format('%.9g:%d', rate + 1000 / tau, now))
+end
 local function requeue(org, task)
   redis.call('LPUSH', prefix .. 'waiting:' .. org, task)
   redis.call('SADD', KEYS[3], task)
@@ -134,6 +152,7 @@ while room > 0 and #released < maxr and n > 0 and idle < n do
       redis.call('ZADD', KEYS[5], now + lease, task)
       redis.call('HSET', KEYS[6], task, org)
       released[#released + 1] = task
+      drained(org)
       room = room - 1
       got = true
     end
@@ -188,23 +207,34 @@ class Dispatcher:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
-    def enqueue(self, org_id: str, task_id: str, concurrency_limit: int, *, front: bool = False) -> bool:
-        """Append a task to its organization's waiting list (no-op if it waits or is leased)."""
+    def enqueue(
+        self,
+        org_id: str,
+        task_id: str,
+        concurrency_limit: int,
+        *,
+        front: bool = False,
+        client: Any = None,
+    ) -> bool:
+        """Append a task to its organization's waiting list (no-op if it waits or is leased).
+
+        With ``client`` a pipeline, the call is queued and its result comes from ``execute``.
+        """
         keys = [waiting_key(org_id), KNOWN, leases_key(org_id), RING, RING_MEMBERS, CLIMIT]
-        return bool(
-            self._enqueue(keys=keys, args=[org_id, task_id, concurrency_limit, "1" if front else "0"])
-        )
+        args: list[str | int] = [org_id, task_id, concurrency_limit, "1" if front else "0"]
+        return bool(self._enqueue(keys=keys, args=args, client=client))
 
     def step(self, now: float | None = None) -> list[str]:
         """Release tasks in fair order while the Celery queue has room; returns their ids."""
         now_ms = int((now if now is not None else time.time()) * 1000)
-        keys = [RING, RING_MEMBERS, KNOWN, CLIMIT, LEASES, LEASE_ORG, CELERY_TASKS_QUEUE]
+        keys = [RING, RING_MEMBERS, KNOWN, CLIMIT, LEASES, LEASE_ORG, CELERY_TASKS_QUEUE, DRAIN]
         args: list[str | int] = [
             now_ms,
             int(self.settings.release_lease_seconds * 1000),
             self.settings.queue_target,
             self.settings.max_release,
             P,
+            int(DRAIN_TAU_SECONDS * 1000),
         ]
         return [t.decode() if isinstance(t, bytes) else str(t) for t in self._step(keys=keys, args=args)]
 
@@ -212,9 +242,18 @@ class Dispatcher:
         expiry = int((time.time() + lease_seconds) * 1000)
         return bool(self._renew(keys=[LEASES, LEASE_ORG], args=[task_id, expiry, P]))
 
-    def release(self, task_id: str, org_id: str = "") -> None:
+    def release(self, task_id: str, org_id: str = "", *, client: Any = None) -> None:
         """Forget a task: free its slot, or take it out of its waiting list."""
-        self._release(keys=[LEASES, LEASE_ORG, KNOWN], args=[task_id, P, org_id])
+        self._release(keys=[LEASES, LEASE_ORG, KNOWN], args=[task_id, P, org_id], client=client)
+
+    def drain_rate(self, org_id: str, now: float | None = None) -> float:
+        """The organization's recent rate of tasks leaving its waiting list, per second."""
+        value = self.redis.hget(DRAIN, org_id)
+        if not value:
+            return 0.0
+        rate, _, at_ms = (value.decode() if isinstance(value, bytes) else str(value)).partition(":")
+        now_ms = (now if now is not None else time.time()) * 1000
+        return float(rate) * math.exp(-max(0.0, now_ms - float(at_ms)) / (DRAIN_TAU_SECONDS * 1000))
 
     def set_concurrency_limit(self, org_id: str, limit: int) -> None:
         self.redis.hset(CLIMIT, org_id, limit)
@@ -255,14 +294,19 @@ def dispatch_step(dispatcher: Dispatcher, publisher: Publisher) -> int:
 
 
 def dispatch_task(
-    db: Database,
     dispatcher: Dispatcher,
     publisher: Publisher,
     task_id: str,
     org_id: str,
     concurrency_limit: int,
 ) -> bool:
-    """Hand a committed task to dispatch; False leaves it to the sweep (``dispatched_at`` stays empty)."""
+    """Hand a committed task to dispatch; False leaves it to the sweep.
+
+    Nothing is written to SQL here: the sweep confirms every queued task
+    whose ``dispatched_at`` is empty against Redis later, in batches, and
+    enqueues the ones Redis does not hold (see :func:`enqueue_from_sql`).
+    A submission therefore costs one SQL transaction, not two.
+    """
     try:
         dispatcher.enqueue(org_id, task_id, concurrency_limit)
     except redis.RedisError as exc:
@@ -271,12 +315,6 @@ def dispatch_task(
             extra={"event": "task.enqueue_failed", "task_id": task_id, "error": type(exc).__name__},
         )
         return False
-    with db.session() as session:
-        session.execute(
-            update(Task)
-            .where(Task.id == task_id, Task.status == TaskStatus.QUEUED.value)
-            .values(dispatched_at=utcnow())
-        )
     dispatch_step(dispatcher, publisher)
     return True
 
@@ -299,8 +337,12 @@ def dispatch_delivery(publisher: Publisher, delivery_id: str | None, countdown: 
 def enqueue_from_sql(
     db: Database, dispatcher: Dispatcher, task_ids: Iterable[str], *, drop_leases: bool = False
 ) -> int:
-    """Put tasks that SQL says are waiting (or whose run died) back into dispatch, at the front.
+    """Make sure tasks SQL says are waiting (or whose run died) are in dispatch; returns the missing ones.
 
+    A task Redis already holds, waiting or leased, is left where it is (the
+    enqueue script skips it); a missing one goes to the front of its
+    organization's list. Every task given gets ``dispatched_at``: the sweep
+    has confirmed it and does not look at it again.
     ``drop_leases``: the tasks' runs are known dead (their SQL lease expired),
     so a dispatch lease Redis may still hold for them is stale and is dropped.
     """
@@ -314,18 +356,21 @@ def enqueue_from_sql(
             .where(Task.id.in_(ids))
             .order_by(Task.id.desc())  # LPUSH one by one: the oldest ends up first
         ).all()
-    added = 0
+    if not rows:
+        return 0
+    pipe = dispatcher.redis.pipeline(transaction=False)
     for task_id, org_id, limit in rows:
         if drop_leases:
-            dispatcher.release(task_id)
-        added += dispatcher.enqueue(org_id, task_id, limit, front=True)
-    if rows:
-        with db.session() as session:
-            session.execute(
-                update(Task)
-                .where(Task.id.in_([r[0] for r in rows]), Task.dispatched_at.is_(None))
-                .values(dispatched_at=utcnow())
-            )
+            dispatcher.release(task_id, client=pipe)
+        dispatcher.enqueue(org_id, task_id, limit, front=True, client=pipe)
+    results = pipe.execute()
+    added = sum(1 for r in (results[1::2] if drop_leases else results) if r)
+    with db.session() as session:
+        session.execute(
+            update(Task)
+            .where(Task.id.in_([r[0] for r in rows]), Task.dispatched_at.is_(None))
+            .values(dispatched_at=utcnow())
+        )
     return added
 
 

@@ -2,8 +2,11 @@
 
 Beat triggers it every ``SWEEP_INTERVAL_SECONDS``. It finds, from SQL alone:
 
-* tasks ``queued`` that never entered dispatch (Redis was down after the
-  commit, or the web process died in between);
+* tasks ``queued`` that it has not confirmed yet (``dispatched_at IS
+  NULL``): the web does not write to SQL after its enqueue, so the sweep
+  checks them against Redis in batches, enqueues those that never entered
+  dispatch (Redis was down after the commit, or the web process died in
+  between) and marks them all confirmed;
 * tasks ``running`` whose lease expired (their worker died) -- they go back
   to dispatch, and the next claim retries them or, after the last attempt,
   fails them;
@@ -32,7 +35,6 @@ BATCH = 500
 
 @dataclass
 class SweepPlan:
-    task_ids: list[str] = field(default_factory=list)  # queued, never entered dispatch
     # running, SQL lease expired a grace period ago: no live run holds them,
     # whatever Redis still says, so their dispatch lease is dropped and they
     # go back to the front of their organization's list.
@@ -49,16 +51,10 @@ def plan(
     now = now or utcnow()
     grace = now - timedelta(seconds=grace_seconds)
     out = SweepPlan()
-    never_published = select(Task.id).where(
-        Task.status == TaskStatus.QUEUED.value,
-        Task.dispatched_at.is_(None),
-        Task.created_at < grace,
-    )
     lease_expired = select(Task.id).where(
         Task.status == TaskStatus.RUNNING.value,
         Task.lease_expires_at < grace,
     )
-    out.task_ids.extend(session.execute(never_published.limit(BATCH)).scalars())
     out.orphaned_ids.extend(session.execute(lease_expired.limit(BATCH)).scalars())
     overdue = (
         select(WebhookDelivery.id)
@@ -79,6 +75,24 @@ def plan(
             .values(next_attempt_at=now)
         )
     return out
+
+
+def unconfirmed(
+    session: Session, *, grace_seconds: float, now: datetime | None = None, limit: int = BATCH
+) -> list[str]:
+    """Queued tasks older than the grace period that the sweep has not confirmed in dispatch yet."""
+    grace = (now or utcnow()) - timedelta(seconds=grace_seconds)
+    return list(
+        session.execute(
+            select(Task.id)
+            .where(
+                Task.status == TaskStatus.QUEUED.value,
+                Task.dispatched_at.is_(None),
+                Task.created_at < grace,
+            )
+            .limit(limit)
+        ).scalars()
+    )
 
 
 def reconcile_counters(session: Session) -> dict[str, tuple[int, int]]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import fakeredis
 import pytest
 
 from app.db import Database
 from app.models import Task
-from app.services import dispatch, tasks
+from app.models.base import utcnow
+from app.services import dispatch, sweep, tasks
 from app.services.dispatch import CELERY_TASKS_QUEUE, Dispatcher, DispatchSettings
 from app.services.task_types import Registry
 from tests.conftest import Org, RecordingPublisher, make_org
@@ -98,18 +100,32 @@ def test_rebuild_restores_waiting_tasks_from_sql(db: Database, org: Org, r: fake
     assert sorted(d.step()) == sorted(ids)
 
 
-def test_dispatch_task_enqueues_steps_publishes_and_marks(
+def test_dispatch_task_enqueues_steps_and_publishes_and_the_sweep_confirms_it(
     db: Database, org: Org, r: fakeredis.FakeRedis, publisher: RecordingPublisher
 ) -> None:
     d = make(r)
+    registry = Registry.from_entry_points()
     with db.session() as s:
-        submitted = tasks.submit(
-            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
-        )
-    assert dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, submitted.concurrency_limit)
-    assert publisher.tasks == [submitted.task.id]
+        first = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=registry)
+        second = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=registry)
+    assert dispatch.dispatch_task(d, publisher, first.task.id, org.id, first.concurrency_limit)
+    assert publisher.tasks == [first.task.id]
+    # The second only waits in Redis: the tasks queue has no room for it.
+    r.rpush(CELERY_TASKS_QUEUE, *[f"filler-{i}" for i in range(d.settings.queue_target)])
+    assert dispatch.dispatch_task(d, publisher, second.task.id, org.id, second.concurrency_limit)
+    assert publisher.tasks == [first.task.id]
     with db.session() as s:
-        assert s.get(Task, submitted.task.id).dispatched_at is not None  # type: ignore[union-attr]
+        assert s.get(Task, first.task.id).dispatched_at is None  # type: ignore[union-attr]
+    # The sweep's confirmation: both are in Redis (leased, waiting), none is
+    # added again, both are marked and not looked at again.
+    assert dispatch.enqueue_from_sql(db, d, [first.task.id, second.task.id]) == 0
+    with db.session() as s:
+        assert s.get(Task, first.task.id).dispatched_at is not None  # type: ignore[union-attr]
+        assert s.get(Task, second.task.id).dispatched_at is not None  # type: ignore[union-attr]
+        assert sweep.unconfirmed(s, grace_seconds=0, now=utcnow() + timedelta(seconds=1)) == []
+    assert d.step() == []
+    r.delete(CELERY_TASKS_QUEUE)
+    assert d.step() == [second.task.id]
 
 
 def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
@@ -122,7 +138,7 @@ def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
         submitted = tasks.submit(
             s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
         )
-    assert not dispatch.dispatch_task(db, d, publisher, submitted.task.id, org.id, 10)
+    assert not dispatch.dispatch_task(d, publisher, submitted.task.id, org.id, 10)
     with db.session() as s:
         assert s.get(Task, submitted.task.id).dispatched_at is None  # type: ignore[union-attr]
     server.connected = True
@@ -145,3 +161,19 @@ def test_an_orphaned_run_comes_back_even_when_redis_holds_a_stale_lease(
     assert d.step() == []
     assert dispatch.enqueue_from_sql(db, d, [task_id], drop_leases=True) == 1
     assert d.step() == [task_id]
+
+
+def test_the_drain_rate_counts_releases_and_decays(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    for i in range(30):
+        d.enqueue("A", f"a{i}", 100)
+    assert d.drain_rate("A", now=1000.0) == 0.0
+    assert len(d.step(now=1000.0)) == 30
+    # 30 releases at once: 30 / tau, then halving every tau * ln 2.
+    assert d.drain_rate("A", now=1000.0) == pytest.approx(30 / dispatch.DRAIN_TAU_SECONDS, rel=1e-6)
+    later = 1000.0 + dispatch.DRAIN_TAU_SECONDS * 0.6931471805599453
+    assert d.drain_rate("A", now=later) == pytest.approx(15 / dispatch.DRAIN_TAU_SECONDS, rel=1e-6)
+    assert d.drain_rate("B", now=1000.0) == 0.0
+    assert tasks.retry_after(d.drain_rate("A", now=1000.0)) == 2  # a place every 2 s
+    assert tasks.retry_after(0.0) == 60  # nothing drained lately: a minute
+    assert tasks.retry_after(1000.0) == 1

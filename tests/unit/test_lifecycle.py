@@ -179,19 +179,21 @@ def test_lease_renewal_only_for_the_current_attempt(db: Database, org: Org) -> N
         assert not tasks.renew_lease(s, task_id, 2, utcnow() + timedelta(seconds=60))
 
 
-def test_sweep_finds_never_dispatched_and_lease_expired_tasks(db: Database, org: Org) -> None:
+def test_sweep_finds_unconfirmed_and_lease_expired_tasks(db: Database, org: Org) -> None:
     never = _submit(db, org)
-    dispatched = _submit(db, org)
+    confirmed = _submit(db, org)
     running = _submit(db, org)
     now = utcnow()
     with db.session() as s:
-        s.get(Task, dispatched).dispatched_at = now  # type: ignore[union-attr]
+        s.get(Task, confirmed).dispatched_at = now  # type: ignore[union-attr]
         tasks.claim(s, running, lease_seconds=5, max_attempts=3, now=now)
     with db.session() as s:
-        assert sweep.plan(s, grace_seconds=10, now=now).task_ids == []
+        assert sweep.unconfirmed(s, grace_seconds=10, now=now) == []  # still in their grace period
+        assert sweep.plan(s, grace_seconds=10, now=now).orphaned_ids == []
     with db.session() as s:
         found = sweep.plan(s, grace_seconds=10, now=now + timedelta(seconds=16))
-    assert found.task_ids == [never] and found.orphaned_ids == [running]
+        assert sweep.unconfirmed(s, grace_seconds=10, now=now + timedelta(seconds=16)) == [never]
+    assert found.orphaned_ids == [running]
 
 
 def test_reconcile_heals_drifted_counters(db: Database, org: Org) -> None:
