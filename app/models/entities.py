@@ -7,7 +7,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -47,10 +46,6 @@ class Organization(Base):
     # statuses, so the queue-limit check is one row update, never a COUNT(*).
     queued: Mapped[int] = mapped_column(Integer, default=0)
     running: Mapped[int] = mapped_column(Integer, default=0)
-    # Recent drain rate (tasks started per second, an exponentially decayed
-    # average), so a 429's Retry-After is an estimate, not a guess.
-    drain_rate: Mapped[float] = mapped_column(Float, default=0.0)
-    drain_updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     webhook_secret: Mapped[str] = mapped_column(String(100))
     previous_webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     previous_webhook_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

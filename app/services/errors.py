@@ -51,14 +51,20 @@ class QueueFull(ServiceError):
     type_slug = "queue-full"
     title = "The organization's queue is full"
 
-    def __init__(self, queued: int, queue_limit: int, retry_after: int) -> None:
-        super().__init__(
-            f"The organization already has {queued} tasks waiting; its queue limit is "
-            f"{queue_limit}. Retry after {retry_after} seconds.",
-            queued=queued,
-            queueLimit=queue_limit,
+    def __init__(self, queued: int, queue_limit: int, retry_after: int = 60) -> None:
+        super().__init__("", queued=queued, queueLimit=queue_limit)
+        self.queued, self.queue_limit = queued, queue_limit
+        self.set_retry_after(retry_after)
+
+    def set_retry_after(self, seconds: int) -> None:
+        """The estimate comes from the dispatch state in Redis, which the web layer holds."""
+        self.retry_after = seconds
+        self.detail = (
+            f"The organization already has {self.queued} tasks waiting; its queue limit is "
+            f"{self.queue_limit}. Retry after {seconds} seconds."
         )
-        self.headers["Retry-After"] = str(retry_after)
+        self.args = (self.detail,)
+        self.headers["Retry-After"] = str(seconds)
 
 
 class IdempotencyConflict(ServiceError):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -37,7 +37,6 @@ from app.services.errors import (
 )
 from app.services.task_types import Registry
 
-DRAIN_TAU_SECONDS = 60.0
 DEFAULT_RETENTION_DAYS = 30.0
 WORKER_LOST = "worker_lost"
 
@@ -146,7 +145,7 @@ def _insert(
         assert org is not None
         if org.credits < cost:
             raise InsufficientCredits(balance=org.credits, cost=cost)
-        raise QueueFull(org.queued, org.queue_limit, retry_after(org, now))
+        raise QueueFull(org.queued, org.queue_limit)  # the web layer sets Retry-After from Redis
 
     task = Task(
         id=ids.task_id(),
@@ -193,19 +192,11 @@ def _replay(existing: Task, key: str, fingerprint: str) -> Submitted:
     return Submitted(task=existing, created=False)
 
 
-def retry_after(org: Organization, now: datetime) -> int:
-    """Seconds until a queue place is likely free, from the recent drain rate."""
-    rate = _decayed_rate(org, now)
-    if rate <= 1e-6:
+def retry_after(drain_rate: float) -> int:
+    """Seconds until a queue place is likely free, from the recent drain rate (tasks/s)."""
+    if drain_rate <= 1e-6:
         return 60
-    return max(1, min(3600, math.ceil(1.0 / rate)))
-
-
-def _decayed_rate(org: Organization, now: datetime) -> float:
-    if org.drain_updated_at is None:
-        return 0.0
-    dt = max(0.0, (now - org.drain_updated_at).total_seconds())
-    return (org.drain_rate or 0.0) * math.exp(-dt / DRAIN_TAU_SECONDS)
+    return max(1, min(3600, math.ceil(1.0 / drain_rate)))
 
 
 # -- reading ------------------------------------------------------------------
@@ -314,14 +305,36 @@ def claim(
     task fails with ``worker_lost``.
     """
     now = now or utcnow()
+    lease = now + timedelta(seconds=lease_seconds)
+    # The common case, a queued task, in two statements and no ORM unit of
+    # work: the conditional UPDATE is the row lock and the status check.
+    started = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED.value)
+        .values(
+            status=TaskStatus.RUNNING.value,
+            attempts=Task.attempts + 1,
+            started_at=now,  # a queued task has never started
+            lease_expires_at=lease,
+        )
+        .returning(Task)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    ).scalar_one_or_none()
+    if started is not None:
+        session.execute(
+            update(Organization)
+            .where(Organization.id == started.organization_id)
+            .values(queued=Organization.queued - 1, running=Organization.running + 1)
+            .execution_options(synchronize_session=False)
+        )
+        return Claim(task=started, attempt=started.attempts)
     task = _lock_task(session, task_id)
     if task is None:
         return Claim(task=None, reason="gone")
-    if task.status == TaskStatus.QUEUED:
+    if task.status == TaskStatus.QUEUED:  # queued after all: our UPDATE raced its commit
         org = _lock_org(session, task.organization_id)
         org.queued -= 1
         org.running += 1
-        _note_drain(org, now)
     elif (
         task.status == TaskStatus.RUNNING
         and task.lease_expires_at is not None
@@ -348,13 +361,8 @@ def claim(
     task.status = TaskStatus.RUNNING.value
     task.attempts += 1
     task.started_at = task.started_at or now
-    task.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    task.lease_expires_at = lease
     return Claim(task=task, attempt=task.attempts)
-
-
-def _note_drain(org: Organization, now: datetime) -> None:
-    org.drain_rate = _decayed_rate(org, now) + 1.0 / DRAIN_TAU_SECONDS
-    org.drain_updated_at = now
 
 
 def renew_lease(session: Session, task_id: str, attempt: int, until: datetime) -> bool:
@@ -385,14 +393,50 @@ def record_result(
     a duplicate message, a run that lost its lease, or a run of a task
     canceled meanwhile gets ``False`` and its outcome is discarded.
     """
-    task = _lock_task(session, task_id)
-    if task is None or task.status != TaskStatus.RUNNING or task.attempts != attempt:
-        return False, None
+    now = now or utcnow()
     status = TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
-    delivery_id = _finish(
-        session, task, status, result=result, error=error, now=now or utcnow(), retention_days=retention_days
+    values: dict[str, Any] = {
+        "status": status.value,
+        "completed_at": now,
+        "expires_at": now + timedelta(days=retention_days),
+        "lease_expires_at": None,
+    }
+    if error is not None:
+        values["error_code"], values["error_message"] = error
+        values["refunded"] = True  # a running task has never been refunded
+    else:
+        values["result"] = result
+    # One conditional UPDATE is the row lock, the attempt check and the write.
+    task = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.RUNNING.value, Task.attempts == attempt)
+        .values(**values)
+        .returning(Task)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    ).scalar_one_or_none()
+    if task is None:
+        return False, None
+    refund_amount = task.cost if error is not None else 0
+    session.execute(
+        update(Organization)
+        .where(Organization.id == task.organization_id)
+        .values(running=Organization.running - 1, credits=Organization.credits + refund_amount)
+        .execution_options(synchronize_session=False)
     )
-    return True, delivery_id
+    if refund_amount:
+        # The ledger's unique (task_id, kind) is the backstop against a second refund.
+        session.execute(
+            insert(CreditEntry).values(
+                organization_id=task.organization_id,
+                task_id=task.id,
+                kind="refund",
+                amount=refund_amount,
+                created_at=now,
+            )
+        )
+    if task.webhook_url:
+        return True, deliveries.create_for_event(session, task, f"task.{status.value}", now=now)
+    return True, None
 
 
 def cancel(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from flask.testing import FlaskClient
@@ -255,6 +256,12 @@ def test_full_queue_is_429_with_retry_after(client: FlaskClient, db: Database) -
     assert problem["type"].endswith("queue-full")
     assert int(r.headers["Retry-After"]) >= 1
     assert client.get("/v1/organization", headers=small.headers).get_json()["credits"] == 998
+    # The estimate follows the drain rate that dispatch records in Redis.
+    dispatcher = client.application.extensions["waybill"].dispatcher
+    dispatcher.redis.hset("waybill:drain", small.id, f"0.26:{int(time.time() * 1000)}")
+    r = submit(client, small, {"type": "echo"})
+    assert r.headers["Retry-After"] == "4"
+    assert "Retry after 4 seconds" in assert_problem(r, 429)["detail"]
 
 
 def test_publish_failure_still_answers_202(
