@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import redis
@@ -14,8 +13,14 @@ from app import metrics
 from app.factory import Waybill
 from app.models.base import utcnow
 from app.services import deliveries, runner, sweep, tasks
-from app.services.dispatch import dispatch_delivery, dispatch_step, enqueue_from_sql, rebuild
-from app.services.waiting import notify_final
+from app.services.dispatch import (
+    dispatch_delivery,
+    dispatch_step,
+    enqueue_from_sql,
+    publish_released,
+    rebuild,
+)
+from app.services.waiting import CHANNEL, notify_final
 
 log = logging.getLogger("waybill.worker")
 
@@ -53,14 +58,21 @@ def run_task(task_id: str) -> str:
         wb.dispatcher,
     )
     dispatch_delivery(wb.publisher, outcome.delivery_id)
-    if outcome.recorded:
-        notify_final(wb.redis, task_id, outcome.status or "")
-    if outcome.release:
-        # If Redis is away the lease expires; the claim then finds the task final and lets go.
-        with contextlib.suppress(redis.RedisError):
-            wb.dispatcher.release(task_id)
-    # Refill the freed slot at once rather than at the next beat.
-    dispatch_step(wb.dispatcher, wb.publisher)
+    notify = (CHANNEL + task_id, outcome.status or "") if outcome.recorded else None
+    if not outcome.release:
+        if notify is not None:
+            notify_final(wb.redis, task_id, notify[1])
+        dispatch_step(wb.dispatcher, wb.publisher)
+        return outcome.status or "skipped"
+    # Free the slot, wake Prefer: wait requests and refill the slot at once,
+    # in one round trip. If Redis is away the lease expires (the claim then
+    # finds the task final and lets go) and beat's step refills.
+    try:
+        released = wb.dispatcher.finish_and_step(task_id, notify=notify)
+    except redis.RedisError as exc:
+        log.warning("dispatch step failed", extra={"event": "dispatch.failed", "error": type(exc).__name__})
+        released = []
+    publish_released(wb.publisher, released)
     return outcome.status or "skipped"
 
 

@@ -224,8 +224,37 @@ class Dispatcher:
         args: list[str | int] = [org_id, task_id, concurrency_limit, "1" if front else "0"]
         return bool(self._enqueue(keys=keys, args=args, client=client))
 
+    def finish_and_step(self, task_id: str, *, notify: tuple[str, str] | None = None) -> list[str]:
+        """A run's end in one round trip: free its slot, publish ``notify`` (channel, message), step.
+
+        EVALSHA directly rather than Script objects: redis-py's pipeline
+        sends SCRIPT EXISTS first on every execute when it holds scripts.
+        """
+        release_keys = [LEASES, LEASE_ORG, KNOWN]
+        step_keys, step_args = self._step_call(None)
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(self._release.sha, len(release_keys), *release_keys, task_id, P, "")
+            if notify is not None:
+                pipe.publish(*notify)
+            pipe.evalsha(self._step.sha, len(step_keys), *step_keys, *step_args)
+            try:
+                return _ids(pipe.execute()[-1])
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                # A restarted Redis forgot the scripts: load them, run again
+                # (release and publish are idempotent; the step did not run).
+                self.redis.script_load(_RELEASE)
+                self.redis.script_load(_STEP)
+        return []
+
     def step(self, now: float | None = None) -> list[str]:
         """Release tasks in fair order while the Celery queue has room; returns their ids."""
+        keys, args = self._step_call(now)
+        return _ids(self._step(keys=keys, args=args))
+
+    def _step_call(self, now: float | None) -> tuple[list[str], list[str | int]]:
         now_ms = int((now if now is not None else time.time()) * 1000)
         keys = [RING, RING_MEMBERS, KNOWN, CLIMIT, LEASES, LEASE_ORG, CELERY_TASKS_QUEUE, DRAIN]
         args: list[str | int] = [
@@ -236,7 +265,7 @@ class Dispatcher:
             P,
             int(DRAIN_TAU_SECONDS * 1000),
         ]
-        return [t.decode() if isinstance(t, bytes) else str(t) for t in self._step(keys=keys, args=args)]
+        return keys, args
 
     def renew(self, task_id: str, lease_seconds: float) -> bool:
         expiry = int((time.time() + lease_seconds) * 1000)
@@ -266,6 +295,12 @@ class Dispatcher:
 
     def mark_epoch(self) -> None:
         self.redis.set(EPOCH, str(time.time()))
+
+
+def _ids(raw: Any) -> list[str]:
+    if not isinstance(raw, list):  # a pipeline's queued call
+        return []
+    return [t.decode() if isinstance(t, bytes) else str(t) for t in raw]
 
 
 def publish_released(publisher: Publisher, task_ids: Iterable[str]) -> int:

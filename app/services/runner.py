@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -42,36 +45,90 @@ class RunOutcome:
     release: bool = True
 
 
-class _Heartbeat:
-    """Renews the run's lease every third of its length while the handler runs."""
+@dataclass
+class _Run:
+    db: Database
+    dispatcher: Dispatcher | None
+    task_id: str
+    attempt: int
+    lease: float
+    due: float  # monotonic time of its next renewal
+    switched: bool = False  # its dispatch lease moved from the release lease to the run's
 
-    def __init__(
-        self, db: Database, dispatcher: Dispatcher | None, task_id: str, attempt: int, lease_seconds: float
-    ) -> None:
-        self.db, self.dispatcher = db, dispatcher
-        self.task_id, self.attempt, self.lease = task_id, attempt, lease_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{task_id}", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
+class _Leases:
+    """Renews the leases of this process's runs in progress, from one thread.
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    A run's dispatch lease in Redis goes at once from the release lease (how
+    long a released task may wait for a worker) to the run's own; then both
+    leases, SQL's and Redis's, are renewed every third of their length. One
+    long-lived thread per process does it, so a run costs no thread start and
+    no Redis round trip on its own path; a run that ends before the thread
+    gets to it (most short tasks) needs nothing renewed.
+    """
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.lease / 3):
-            try:
-                with self.db.session() as session:
-                    until = utcnow() + timedelta(seconds=self.lease)
-                    if not tasks.renew_lease(session, self.task_id, self.attempt, until):
-                        return  # canceled or taken over: nothing left to renew
-                if self.dispatcher is not None:
-                    _quietly(self.dispatcher.renew, self.task_id, self.lease)
-            except Exception:  # a database blip: try again at the next beat
-                log.warning("lease renewal failed", extra={"task_id": self.task_id})
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def _ensure_thread(self) -> None:
+        # Per process: a Celery prefork child does not inherit its parent's threads.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._loop, name="lease-renewal", daemon=True).start()
+
+    @contextmanager
+    def hold(
+        self, db: Database, dispatcher: Dispatcher | None, task_id: str, attempt: int, lease: float
+    ) -> Iterator[None]:
+        run = _Run(db, dispatcher, task_id, attempt, lease, due=time.monotonic())
+        with self._lock:
+            self._ensure_thread()
+            self._runs[task_id] = run
+        self._wake.set()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._runs.get(task_id) is run:
+                    del self._runs[task_id]
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                runs = list(self._runs.values())
+            now = time.monotonic()
+            for run in runs:
+                if run.due <= now:
+                    self._renew(run)
+            with self._lock:
+                dues = [r.due for r in self._runs.values()]
+            self._wake.wait(timeout=max(0.0, min(dues) - time.monotonic()) if dues else None)
+            self._wake.clear()
+
+    def _renew(self, run: _Run) -> None:
+        with self._lock:
+            if self._runs.get(run.task_id) is not run:
+                return  # finished meanwhile
+        run.due = time.monotonic() + run.lease / 3
+        try:
+            if run.switched:
+                with run.db.session() as session:
+                    until = utcnow() + timedelta(seconds=run.lease)
+                    if not tasks.renew_lease(session, run.task_id, run.attempt, until):
+                        with self._lock:  # canceled or taken over: nothing left to renew
+                            self._runs.pop(run.task_id, None)
+                        return
+            run.switched = True  # the claim set the SQL lease; only Redis's needs switching
+            if run.dispatcher is not None:
+                _quietly(run.dispatcher.renew, run.task_id, run.lease)
+        except Exception:  # a database blip: try again at the next beat
+            log.warning("lease renewal failed", extra={"task_id": run.task_id})
+
+
+_leases = _Leases()
 
 
 def execute(
@@ -131,11 +188,8 @@ def execute(
     )
     result: Any = None
     error: tuple[str, str] | None = None
-    if dispatcher is not None:
-        # From the release lease (waiting for a worker) to the run's lease.
-        _quietly(dispatcher.renew, task_id, settings.lease_seconds)
     run_started = time.monotonic()
-    with _Heartbeat(db, dispatcher, task_id, attempt, settings.lease_seconds):
+    with _leases.hold(db, dispatcher, task_id, attempt, settings.lease_seconds):
         if task_type is None:
             error = ("unknown_type", f"No handler is installed for task type {task.type!r}.")
         else:

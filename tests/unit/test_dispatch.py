@@ -177,3 +177,20 @@ def test_the_drain_rate_counts_releases_and_decays(r: fakeredis.FakeRedis) -> No
     assert tasks.retry_after(d.drain_rate("A", now=1000.0)) == 2  # a place every 2 s
     assert tasks.retry_after(0.0) == 60  # nothing drained lately: a minute
     assert tasks.retry_after(1000.0) == 1
+
+
+def test_finish_and_step_frees_the_slot_notifies_and_refills_in_one_go(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    for i in range(3):
+        d.enqueue("A", f"a{i}", 1)
+    assert d.step() == ["a0"]  # concurrency limit 1
+    listener = r.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe("waybill:done:a0")
+    listener.get_message(timeout=1)
+    assert d.finish_and_step("a0", notify=("waybill:done:a0", "succeeded")) == ["a1"]
+    assert listener.get_message(timeout=1)["data"] == b"succeeded"
+    assert d.running("A") == 1
+    r.script_flush()  # a restarted Redis forgets its scripts
+    assert d.finish_and_step("a1") == ["a2"]
+    assert d.finish_and_step("a2") == []
+    assert d.running("A") == 0

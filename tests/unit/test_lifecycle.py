@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -209,3 +210,33 @@ def test_reconcile_heals_drifted_counters(db: Database, org: Org) -> None:
     assert (_org(db, org.id).queued, _org(db, org.id).running) == (2, 0)
     with db.session() as s:
         assert sweep.reconcile_counters(s) == {}
+
+
+def test_a_run_longer_than_its_lease_keeps_both_leases_alive(db: Database, org: Org, fake_redis) -> None:
+    from app.services.dispatch import LEASES, Dispatcher, DispatchSettings
+
+    d = Dispatcher(fake_redis, DispatchSettings(release_lease_seconds=300))
+    registry = Registry.from_entry_points()
+    seen: dict[str, list] = {"sql": [], "redis": []}
+
+    def slow(_input, ctx: TaskContext):
+        # Sample both leases while the run lasts three lease lengths.
+        for _ in range(12):
+            time.sleep(0.1)
+            seen["sql"].append(_task(db, ctx.task_id).lease_expires_at)
+            seen["redis"].append(fake_redis.zscore(LEASES, ctx.task_id))
+        return "done"
+
+    registry.add(TaskType(name="slow", cost=1, description="slow", handler=slow))
+    with db.session() as s:
+        task_id = tasks.submit(s, org.id, tasks.SubmitRequest(type="slow"), registry=registry).task.id
+    d.enqueue(org.id, task_id, 10)
+    assert d.step() == [task_id]
+    settings = runner.RunSettings(lease_seconds=0.3, max_attempts=3, allow_private_targets=False)
+    outcome = runner.execute(db, registry, settings, task_id, d)
+    assert outcome.recorded and outcome.status == "succeeded"
+    assert len(set(seen["sql"])) >= 3  # renewed every lease / 3, not only at the claim
+    assert seen["sql"][-1] > utcnow() - timedelta(seconds=0.3)  # never lapsed
+    # Redis: switched at once from the 300 s release lease to the run's, then renewed.
+    assert max(seen["redis"]) < (time.time() + 5) * 1000
+    assert len(set(seen["redis"])) >= 3
