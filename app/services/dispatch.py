@@ -224,29 +224,46 @@ class Dispatcher:
         args: list[str | int] = [org_id, task_id, concurrency_limit, "1" if front else "0"]
         return bool(self._enqueue(keys=keys, args=args, client=client))
 
+    def enqueue_and_step(self, org_id: str, task_id: str, concurrency_limit: int) -> list[str]:
+        """A submission's dispatch in one round trip: :meth:`enqueue`, then :meth:`step`."""
+        keys = [waiting_key(org_id), KNOWN, leases_key(org_id), RING, RING_MEMBERS, CLIMIT]
+        return self._pipelined(
+            lambda pipe: pipe.evalsha(
+                self._enqueue.sha, len(keys), *keys, org_id, task_id, concurrency_limit, "0"
+            )
+        )
+
     def finish_and_step(self, task_id: str, *, notify: tuple[str, str] | None = None) -> list[str]:
-        """A run's end in one round trip: free its slot, publish ``notify`` (channel, message), step.
+        """A run's end in one round trip: free its slot, publish ``notify`` (channel, message), step."""
+        keys = [LEASES, LEASE_ORG, KNOWN]
+
+        def before(pipe: Any) -> None:
+            pipe.evalsha(self._release.sha, len(keys), *keys, task_id, P, "")
+            if notify is not None:
+                pipe.publish(*notify)
+
+        return self._pipelined(before)
+
+    def _pipelined(self, before: Any) -> list[str]:
+        """Run ``before(pipe)``'s commands, then a step, in one pipeline; returns the step's ids.
 
         EVALSHA directly rather than Script objects: redis-py's pipeline
         sends SCRIPT EXISTS first on every execute when it holds scripts.
+        Every script used before a step is idempotent, so after NOSCRIPT (a
+        restarted Redis forgot the scripts) they are loaded and all runs again.
         """
-        release_keys = [LEASES, LEASE_ORG, KNOWN]
         step_keys, step_args = self._step_call(None)
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.evalsha(self._release.sha, len(release_keys), *release_keys, task_id, P, "")
-            if notify is not None:
-                pipe.publish(*notify)
+            before(pipe)
             pipe.evalsha(self._step.sha, len(step_keys), *step_keys, *step_args)
             try:
                 return _ids(pipe.execute()[-1])
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
-                # A restarted Redis forgot the scripts: load them, run again
-                # (release and publish are idempotent; the step did not run).
-                self.redis.script_load(_RELEASE)
-                self.redis.script_load(_STEP)
+                for script in (_ENQUEUE, _RELEASE, _STEP):
+                    self.redis.script_load(script)
         return []
 
     def step(self, now: float | None = None) -> list[str]:
@@ -343,14 +360,14 @@ def dispatch_task(
     A submission therefore costs one SQL transaction, not two.
     """
     try:
-        dispatcher.enqueue(org_id, task_id, concurrency_limit)
+        released = dispatcher.enqueue_and_step(org_id, task_id, concurrency_limit)
     except redis.RedisError as exc:
         log.warning(
             "enqueue failed; the sweep will enqueue the task",
             extra={"event": "task.enqueue_failed", "task_id": task_id, "error": type(exc).__name__},
         )
         return False
-    dispatch_step(dispatcher, publisher)
+    publish_released(publisher, released)
     return True
 
 

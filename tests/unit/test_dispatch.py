@@ -194,3 +194,14 @@ def test_finish_and_step_frees_the_slot_notifies_and_refills_in_one_go(r: fakere
     assert d.finish_and_step("a1") == ["a2"]
     assert d.finish_and_step("a2") == []
     assert d.running("A") == 0
+
+
+def test_enqueue_and_step_is_enqueue_then_step(r: fakeredis.FakeRedis) -> None:
+    d = make(r, target=2)
+    assert d.enqueue_and_step("A", "a0", 5) == ["a0"]
+    assert d.enqueue_and_step("A", "a0", 5) == []  # leased already: not enqueued twice
+    assert d.enqueue_and_step("B", "b0", 5) == ["b0"]
+    r.rpush(CELERY_TASKS_QUEUE, "m1", "m2")  # the Celery queue is at its target
+    r.script_flush()
+    assert d.enqueue_and_step("A", "a1", 5) == []
+    assert r.lrange("waybill:waiting:A", 0, -1) == [b"a1"]
