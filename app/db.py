@@ -56,7 +56,25 @@ def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgresql_custom_plans)
+    return engine
+
+
+def _postgresql_custom_plans(dbapi_connection: Any, _record: Any) -> None:
+    # psycopg prepares a statement on the server after five executions, and
+    # PostgreSQL may then keep a generic plan for it. For `... WHERE id = $1
+    # AND status = $2` prepared while the tasks table was small, that plan
+    # was an index scan on status filtered by id: every queued task read per
+    # statement after a burst of 100,000 submissions, until autovacuum's
+    # ANALYZE (docs/performance.rst). Custom plans always pick the primary
+    # key; planning these one-table statements costs microseconds. A SET,
+    # not a startup option, so that PgBouncer accepts the connection.
+    dbapi_connection.autocommit = True
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_connection.autocommit = False
 
 
 class Database:
