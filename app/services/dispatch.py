@@ -249,22 +249,38 @@ class Dispatcher:
 
         EVALSHA directly rather than Script objects: redis-py's pipeline
         sends SCRIPT EXISTS first on every execute when it holds scripts.
-        Every script used before a step is idempotent, so after NOSCRIPT (a
-        restarted Redis forgot the scripts) they are loaded and all runs again.
+        A pipeline goes on past a failed command, so when Redis does not
+        know a script (restarted, or never asked for it yet) the step may
+        have released tasks anyway: their ids are kept, the scripts are
+        loaded and the whole pipeline runs again (enqueue, release and
+        publish are idempotent; a second step releases only what has room).
         """
-        step_keys, step_args = self._step_call(None)
+        released: list[str] = []
         for attempt in (1, 2):
+            step_keys, step_args = self._step_call(None)
             pipe = self.redis.pipeline(transaction=False)
             before(pipe)
             pipe.evalsha(self._step.sha, len(step_keys), *step_keys, *step_args)
-            try:
-                return _ids(pipe.execute()[-1])
-            except redis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
+            results = pipe.execute(raise_on_error=False)
+            if not isinstance(results[-1], Exception):
+                released.extend(_ids(results[-1]))
+            errors = [r for r in results if isinstance(r, Exception)]
+            if not errors:
+                break
+            if attempt == 1 and all(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
                 for script in (_ENQUEUE, _RELEASE, _STEP):
                     self.redis.script_load(script)
-        return []
+                continue
+            if not released:
+                raise errors[0]
+            # The tasks released must still be published: the caller does it;
+            # what failed before the step is covered by lease expiry and the sweep.
+            log.warning(
+                "dispatch pipeline partly failed",
+                extra={"event": "dispatch.failed", "error": repr(errors[0])},
+            )
+            break
+        return released
 
     def step(self, now: float | None = None) -> list[str]:
         """Release tasks in fair order while the Celery queue has room; returns their ids."""

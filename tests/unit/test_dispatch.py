@@ -205,3 +205,17 @@ def test_enqueue_and_step_is_enqueue_then_step(r: fakeredis.FakeRedis) -> None:
     r.script_flush()
     assert d.enqueue_and_step("A", "a1", 5) == []
     assert r.lrange("waybill:waiting:A", 0, -1) == [b"a1"]
+
+
+def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.FakeRedis) -> None:
+    d = make(r, target=2)
+    for i in range(5):
+        d.enqueue("A", f"a{i}", 10)
+    leased = d.step()  # Redis knows the step script now, but not the release script
+    assert leased == ["a0", "a1"]
+    # The pipeline's release fails (NOSCRIPT) while its step releases two
+    # more; then it loads the scripts and runs again: every released id is
+    # returned for publishing, none is left leased without a message.
+    leased += d.finish_and_step("a0")
+    assert leased == ["a0", "a1", "a2", "a3", "a4"]
+    assert sorted(m.decode() for m in r.zrange("waybill:leases", 0, -1)) == ["a1", "a2", "a3", "a4"]
