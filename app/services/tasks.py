@@ -410,7 +410,8 @@ def record_result(
     }
     if error is not None:
         values["error_code"], values["error_message"] = error
-        values["refunded"] = True  # a running task has never been refunded
+        # A running task has never been refunded; as in refund(), a free one has nothing to give back.
+        values["refunded"] = Task.cost > 0
     else:
         values["result"] = result
     # One conditional UPDATE is the row lock, the attempt check and the write.

@@ -59,6 +59,7 @@ def refuse(_input, _ctx: TaskContext):
 REGISTRY = Registry.from_entry_points()
 REGISTRY.add(TaskType(name="boom", cost=3, description="fails", handler=boom))
 REGISTRY.add(TaskType(name="refuse", cost=3, description="fails", handler=refuse))
+REGISTRY.add(TaskType(name="free_boom", cost=0, description="fails, free", handler=boom))
 RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
 
 
@@ -108,6 +109,20 @@ def test_handler_failure_fails_the_task_and_refunds_once(
         assert t is not None and o is not None
         assert tasks.refund(s, t, o, now=utcnow()) is False
     assert not again
+    assert _org(db, org.id).credits == 1000 == _ledger_sum(db, org.id)
+
+
+def test_a_failed_task_is_marked_refunded_only_when_credits_went_back(db: Database, org: Org) -> None:
+    paid, free = _submit_custom(db, org, "boom"), _submit_custom(db, org, "free_boom")
+    for task_id in (paid, free):
+        assert runner.execute(db, REGISTRY, RUN, task_id).status == "failed"
+    assert _task(db, paid).refunded is True
+    assert _task(db, free).refunded is False  # nothing was reserved, so nothing was given back
+    with db.session() as s:
+        kinds = s.execute(
+            select(CreditEntry.task_id, CreditEntry.kind).where(CreditEntry.task_id.in_([paid, free]))
+        ).all()
+    assert sorted(map(tuple, kinds)) == sorted([(paid, "reserve"), (paid, "refund")])
     assert _org(db, org.id).credits == 1000 == _ledger_sum(db, org.id)
 
 
