@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ids
@@ -68,8 +68,9 @@ def sign(secrets: list[str], webhook_id: str, timestamp: int, body: bytes) -> st
     return " ".join(out)
 
 
-def body_of(delivery: WebhookDelivery) -> bytes:
-    return json.dumps(delivery.payload, separators=(",", ":"), ensure_ascii=False).encode()
+def body_of(payload: Any) -> bytes:
+    """A delivery's payload as the bytes that are signed and sent."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass(frozen=True)
@@ -93,35 +94,43 @@ def claim_attempt(
     early_tolerance: float = 1.0,
 ) -> AttemptPlan | None:
     """Claim the next attempt, or None when it is not due or not ours to send."""
-    from app.services.organizations import signing_secrets
+    from app.services.organizations import secrets_in_use
 
     now = now or utcnow()
-    delivery = session.execute(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one_or_none()
-    if delivery is None or delivery.status != PENDING:
+    d = WebhookDelivery
+    # One conditional UPDATE is the row lock, the checks and the claim: the
+    # delivery is pending, no other worker is sending it right now, and it
+    # is due (an early copy is left to the scheduled message or the sweep).
+    claimed = session.execute(
+        update(d)
+        .where(
+            d.id == delivery_id,
+            d.status == PENDING,
+            or_(d.claimed_until.is_(None), d.claimed_until <= now),
+            or_(d.next_attempt_at.is_(None), d.next_attempt_at <= now + timedelta(seconds=early_tolerance)),
+        )
+        .values(claimed_until=now + timedelta(seconds=hold_seconds))
+        .returning(d.attempts, d.url, d.payload, d.created_at, d.task_id, d.organization_id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if claimed is None:
         return None
-    if delivery.claimed_until is not None and delivery.claimed_until > now:
-        return None  # another worker is sending this attempt right now
-    if delivery.next_attempt_at is not None and delivery.next_attempt_at > now + timedelta(
-        seconds=early_tolerance
-    ):
-        return None  # an early copy; the scheduled message or the sweep sends it
-    delivery.claimed_until = now + timedelta(seconds=hold_seconds)
-    org = session.get(Organization, delivery.organization_id)
-    assert org is not None
+    org = session.execute(
+        select(
+            Organization.webhook_secret,
+            Organization.previous_webhook_secret,
+            Organization.previous_webhook_secret_expires_at,
+        ).where(Organization.id == claimed.organization_id)
+    ).one()
     return AttemptPlan(
-        delivery_id=delivery.id,
-        attempt=delivery.attempts + 1,
-        url=delivery.url,
-        body=body_of(delivery),
-        secrets=signing_secrets(org, now),
-        created_at=delivery.created_at,
-        task_id=delivery.task_id,
-        request_id=session.execute(select(Task.request_id).where(Task.id == delivery.task_id)).scalar(),
+        delivery_id=delivery_id,
+        attempt=claimed.attempts + 1,
+        url=claimed.url,
+        body=body_of(claimed.payload),
+        secrets=secrets_in_use(*org, now=now),
+        created_at=claimed.created_at,
+        task_id=claimed.task_id,
+        request_id=session.execute(select(Task.request_id).where(Task.id == claimed.task_id)).scalar(),
     )
 
 
@@ -143,15 +152,17 @@ def record_attempt(
 ) -> float | None:
     """Store the attempt and move the delivery on; returns the retry countdown, if any."""
     now = now or utcnow()
-    delivery = session.execute(
-        select(WebhookDelivery)
-        .where(WebhookDelivery.id == plan.delivery_id)
+    d = WebhookDelivery
+    # Only the columns the decision needs, under the row lock: the payload
+    # and the task's input and result are not loaded to record an attempt.
+    row = session.execute(
+        select(d.status, d.attempts, d.max_attempts, d.task_id)
+        .where(d.id == plan.delivery_id)
         .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
-    session.add(
-        WebhookAttempt(
-            delivery_id=delivery.id,
+    ).one()
+    session.execute(
+        insert(WebhookAttempt).values(
+            delivery_id=plan.delivery_id,
             attempt=plan.attempt,
             at=now,
             outcome=result.outcome,
@@ -160,24 +171,32 @@ def record_attempt(
             error=(result.error or None) and result.error[:200],
         )
     )
-    delivery.claimed_until = None
+    status, attempts = row.status, row.attempts
+    values: dict[str, Any] = {"claimed_until": None}
     countdown: float | None = None
-    if delivery.status == PENDING and delivery.attempts < plan.attempt:
-        delivery.attempts = plan.attempt
+    if status == PENDING and attempts < plan.attempt:
+        attempts = values["attempts"] = plan.attempt
         if result.outcome == DELIVERED:
-            delivery.status = DELIVERED
-            delivery.delivered_at = now
-            delivery.next_attempt_at = None
-        elif result.outcome == "gone" or delivery.attempts >= delivery.max_attempts:
-            delivery.status = FAILED
-            delivery.next_attempt_at = None
+            status = DELIVERED
+            values.update(status=status, delivered_at=now, next_attempt_at=None)
+        elif result.outcome == "gone" or attempts >= row.max_attempts:
+            status = FAILED
+            values.update(status=status, next_attempt_at=None)
         else:
-            countdown = retry_delay(retry_base_seconds, delivery.attempts)
-            delivery.next_attempt_at = now + timedelta(seconds=countdown)
-    task = session.get(Task, delivery.task_id, populate_existing=True)
-    if task is not None:
-        task.webhook_status = delivery.status
-        task.webhook_attempts = delivery.attempts
+            countdown = retry_delay(retry_base_seconds, attempts)
+            values["next_attempt_at"] = now + timedelta(seconds=countdown)
+    session.execute(
+        update(d)
+        .where(d.id == plan.delivery_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(Task)
+        .where(Task.id == row.task_id)
+        .values(webhook_status=status, webhook_attempts=attempts)
+        .execution_options(synchronize_session=False)
+    )
     return countdown
 
 
