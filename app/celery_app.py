@@ -7,6 +7,7 @@ from typing import Any
 from celery import Celery, Task
 from flask import Flask
 
+from app.broker import reuse_redis_clients
 from config import Settings
 
 MAINTENANCE_QUEUE = "maintenance"
@@ -84,6 +85,7 @@ def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
             with flask_app.app_context():
                 return self.run(*args, **kwargs)
 
+    reuse_redis_clients()
     config = celery_config(settings)
     include = config.pop("include")
     celery = Celery("waybill", task_cls=FlaskTask, include=include)
