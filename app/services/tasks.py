@@ -145,6 +145,63 @@ _TAKE_PLACE = (
     .returning(_ORGS.c.concurrency_limit)
 )
 
+# A run's statements, built once for the same reason. The task UPDATEs stay
+# ORM-enabled: the runner and the webhook payload use the Task they return.
+_P_NOW = bindparam("p_now", type_=Task.__table__.c.started_at.type)
+_CLAIM_QUEUED = (
+    update(Task)
+    .where(Task.id == bindparam("p_id"), Task.status == TaskStatus.QUEUED.value)
+    .values(
+        status=TaskStatus.RUNNING.value,
+        attempts=Task.attempts + 1,
+        started_at=_P_NOW,  # a queued task has never started
+        lease_expires_at=bindparam("p_lease", type_=Task.__table__.c.lease_expires_at.type),
+    )
+    .returning(Task)
+    .execution_options(populate_existing=True, synchronize_session=False)
+)
+_ORG_STARTED = (
+    update(_ORGS)
+    .where(_ORGS.c.id == bindparam("p_org"))
+    .values(queued=_ORGS.c.queued - 1, running=_ORGS.c.running + 1)
+)
+
+
+def _record_statement(failed: bool) -> Any:
+    values: dict[str, Any] = {
+        "status": (TaskStatus.FAILED if failed else TaskStatus.SUCCEEDED).value,
+        "completed_at": _P_NOW,
+        "expires_at": bindparam("p_expires", type_=Task.__table__.c.expires_at.type),
+        "lease_expires_at": None,
+    }
+    if failed:
+        values["error_code"] = bindparam("p_code", type_=Task.__table__.c.error_code.type)
+        values["error_message"] = bindparam("p_message", type_=Task.__table__.c.error_message.type)
+        # A running task has never been refunded; as in refund(), a free one has nothing to give back.
+        values["refunded"] = Task.cost > 0
+    else:
+        values["result"] = bindparam("p_result", type_=Task.__table__.c.result.type)
+    # One conditional UPDATE is the row lock, the attempt check and the write.
+    return (
+        update(Task)
+        .where(
+            Task.id == bindparam("p_id"),
+            Task.status == TaskStatus.RUNNING.value,
+            Task.attempts == bindparam("p_attempt"),
+        )
+        .values(**values)
+        .returning(Task)
+        .execution_options(populate_existing=True, synchronize_session=False)
+    )
+
+
+_RECORD_SUCCEEDED, _RECORD_FAILED = _record_statement(False), _record_statement(True)
+_ORG_FINISHED = (
+    update(_ORGS)
+    .where(_ORGS.c.id == bindparam("p_org"))
+    .values(running=_ORGS.c.running - 1, credits=_ORGS.c.credits + bindparam("p_refund"))
+)
+
 
 def _insert(
     session: Session,
@@ -330,24 +387,10 @@ def claim(
     # The common case, a queued task, in two statements and no ORM unit of
     # work: the conditional UPDATE is the row lock and the status check.
     started = session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED.value)
-        .values(
-            status=TaskStatus.RUNNING.value,
-            attempts=Task.attempts + 1,
-            started_at=now,  # a queued task has never started
-            lease_expires_at=lease,
-        )
-        .returning(Task)
-        .execution_options(populate_existing=True, synchronize_session=False)
+        _CLAIM_QUEUED, {"p_id": task_id, "p_now": now, "p_lease": lease}
     ).scalar_one_or_none()
     if started is not None:
-        session.execute(
-            update(Organization)
-            .where(Organization.id == started.organization_id)
-            .values(queued=Organization.queued - 1, running=Organization.running + 1)
-            .execution_options(synchronize_session=False)
-        )
+        session.connection().execute(_ORG_STARTED, {"p_org": started.organization_id})
         return Claim(task=started, attempt=started.attempts)
     task = _lock_task(session, task_id)
     if task is None:
@@ -416,45 +459,35 @@ def record_result(
     """
     now = now or utcnow()
     status = TaskStatus.FAILED if error is not None else TaskStatus.SUCCEEDED
-    values: dict[str, Any] = {
-        "status": status.value,
-        "completed_at": now,
-        "expires_at": now + timedelta(days=retention_days),
-        "lease_expires_at": None,
+    params: dict[str, Any] = {
+        "p_id": task_id,
+        "p_attempt": attempt,
+        "p_now": now,
+        "p_expires": now + timedelta(days=retention_days),
     }
     if error is not None:
-        values["error_code"], values["error_message"] = error
-        # A running task has never been refunded; as in refund(), a free one has nothing to give back.
-        values["refunded"] = Task.cost > 0
+        params["p_code"], params["p_message"] = error
     else:
-        values["result"] = result
-    # One conditional UPDATE is the row lock, the attempt check and the write.
+        params["p_result"] = result
     task = session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.RUNNING.value, Task.attempts == attempt)
-        .values(**values)
-        .returning(Task)
-        .execution_options(populate_existing=True, synchronize_session=False)
+        _RECORD_FAILED if error is not None else _RECORD_SUCCEEDED, params
     ).scalar_one_or_none()
     if task is None:
         return False, None
     refund_amount = task.cost if error is not None else 0
-    session.execute(
-        update(Organization)
-        .where(Organization.id == task.organization_id)
-        .values(running=Organization.running - 1, credits=Organization.credits + refund_amount)
-        .execution_options(synchronize_session=False)
-    )
+    conn = session.connection()
+    conn.execute(_ORG_FINISHED, {"p_org": task.organization_id, "p_refund": refund_amount})
     if refund_amount:
         # The ledger's unique (task_id, kind) is the backstop against a second refund.
-        session.execute(
-            insert(CreditEntry).values(
-                organization_id=task.organization_id,
-                task_id=task.id,
-                kind="refund",
-                amount=refund_amount,
-                created_at=now,
-            )
+        conn.execute(
+            _INSERT_LEDGER,
+            {
+                "organization_id": task.organization_id,
+                "task_id": task.id,
+                "kind": "refund",
+                "amount": refund_amount,
+                "created_at": now,
+            },
         )
     if task.webhook_url:
         return True, deliveries.create_for_event(session, task, f"task.{status.value}", now=now)
