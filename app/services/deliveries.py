@@ -16,9 +16,9 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ids
@@ -85,6 +85,51 @@ class AttemptPlan:
     request_id: str | None = None
 
 
+# An attempt's statements, built once, as Core (see the run's in tasks.py).
+_D = cast(Table, WebhookDelivery.__table__)
+_ORGS = cast(Table, Organization.__table__)
+_TASKS = cast(Table, Task.__table__)
+_ATTEMPTS = cast(Table, WebhookAttempt.__table__)
+_NOW = bindparam("p_now", type_=_D.c.claimed_until.type)
+# One conditional UPDATE is the row lock, the checks and the claim: the
+# delivery is pending, no other worker is sending it right now, and it is
+# due (an early copy is left to the scheduled message or the sweep).
+_CLAIM = (
+    update(_D)
+    .where(
+        _D.c.id == bindparam("p_id"),
+        _D.c.status == PENDING,
+        or_(_D.c.claimed_until.is_(None), _D.c.claimed_until <= _NOW),
+        or_(
+            _D.c.next_attempt_at.is_(None),
+            _D.c.next_attempt_at <= bindparam("p_due", type_=_D.c.next_attempt_at.type),
+        ),
+    )
+    .values(claimed_until=bindparam("p_until", type_=_D.c.claimed_until.type))
+    .returning(_D.c.attempts, _D.c.url, _D.c.payload, _D.c.created_at, _D.c.task_id, _D.c.organization_id)
+)
+# The signing secrets and the task's request id, in one read.
+_SIGNING = select(
+    _ORGS.c.webhook_secret,
+    _ORGS.c.previous_webhook_secret,
+    _ORGS.c.previous_webhook_secret_expires_at,
+    select(_TASKS.c.request_id).where(_TASKS.c.id == bindparam("p_task")).scalar_subquery(),
+).where(_ORGS.c.id == bindparam("p_org"))
+
+# What recording an attempt reads and writes.
+_DECISION = (
+    select(_D.c.status, _D.c.attempts, _D.c.max_attempts, _D.c.task_id)
+    .where(_D.c.id == bindparam("p_id"))
+    .with_for_update()
+)
+_INSERT_ATTEMPT = insert(_ATTEMPTS)
+_TASK_WEBHOOK = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("p_task"))
+    .values(webhook_status=bindparam("p_status"), webhook_attempts=bindparam("p_attempts"))
+)
+
+
 def claim_attempt(
     session: Session,
     delivery_id: str,
@@ -97,40 +142,30 @@ def claim_attempt(
     from app.services.organizations import secrets_in_use
 
     now = now or utcnow()
-    d = WebhookDelivery
-    # One conditional UPDATE is the row lock, the checks and the claim: the
-    # delivery is pending, no other worker is sending it right now, and it
-    # is due (an early copy is left to the scheduled message or the sweep).
-    claimed = session.execute(
-        update(d)
-        .where(
-            d.id == delivery_id,
-            d.status == PENDING,
-            or_(d.claimed_until.is_(None), d.claimed_until <= now),
-            or_(d.next_attempt_at.is_(None), d.next_attempt_at <= now + timedelta(seconds=early_tolerance)),
-        )
-        .values(claimed_until=now + timedelta(seconds=hold_seconds))
-        .returning(d.attempts, d.url, d.payload, d.created_at, d.task_id, d.organization_id)
-        .execution_options(synchronize_session=False)
-    ).one_or_none()
+    conn = session.connection()
+    claimed = conn.execute(
+        _CLAIM,
+        {
+            "p_id": delivery_id,
+            "p_now": now,
+            "p_due": now + timedelta(seconds=early_tolerance),
+            "p_until": now + timedelta(seconds=hold_seconds),
+        },
+    ).first()
     if claimed is None:
         return None
-    org = session.execute(
-        select(
-            Organization.webhook_secret,
-            Organization.previous_webhook_secret,
-            Organization.previous_webhook_secret_expires_at,
-        ).where(Organization.id == claimed.organization_id)
+    current, previous, previous_expires_at, request_id = conn.execute(
+        _SIGNING, {"p_org": claimed.organization_id, "p_task": claimed.task_id}
     ).one()
     return AttemptPlan(
         delivery_id=delivery_id,
         attempt=claimed.attempts + 1,
         url=claimed.url,
         body=body_of(claimed.payload),
-        secrets=secrets_in_use(*org, now=now),
+        secrets=secrets_in_use(current, previous, previous_expires_at, now=now),
         created_at=claimed.created_at,
         task_id=claimed.task_id,
-        request_id=session.execute(select(Task.request_id).where(Task.id == claimed.task_id)).scalar(),
+        request_id=request_id,
     )
 
 
@@ -152,24 +187,21 @@ def record_attempt(
 ) -> float | None:
     """Store the attempt and move the delivery on; returns the retry countdown, if any."""
     now = now or utcnow()
-    d = WebhookDelivery
+    conn = session.connection()
     # Only the columns the decision needs, under the row lock: the payload
     # and the task's input and result are not loaded to record an attempt.
-    row = session.execute(
-        select(d.status, d.attempts, d.max_attempts, d.task_id)
-        .where(d.id == plan.delivery_id)
-        .with_for_update()
-    ).one()
-    session.execute(
-        insert(WebhookAttempt).values(
-            delivery_id=plan.delivery_id,
-            attempt=plan.attempt,
-            at=now,
-            outcome=result.outcome,
-            response_status=result.response_status,
-            duration_ms=result.duration_ms,
-            error=(result.error or None) and result.error[:200],
-        )
+    row = conn.execute(_DECISION, {"p_id": plan.delivery_id}).one()
+    conn.execute(
+        _INSERT_ATTEMPT,
+        {
+            "delivery_id": plan.delivery_id,
+            "attempt": plan.attempt,
+            "at": now,
+            "outcome": result.outcome,
+            "response_status": result.response_status,
+            "duration_ms": result.duration_ms,
+            "error": (result.error or None) and result.error[:200],
+        },
     )
     status, attempts = row.status, row.attempts
     values: dict[str, Any] = {"claimed_until": None}
@@ -185,18 +217,8 @@ def record_attempt(
         else:
             countdown = retry_delay(retry_base_seconds, attempts)
             values["next_attempt_at"] = now + timedelta(seconds=countdown)
-    session.execute(
-        update(d)
-        .where(d.id == plan.delivery_id)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.execute(
-        update(Task)
-        .where(Task.id == row.task_id)
-        .values(webhook_status=status, webhook_attempts=attempts)
-        .execution_options(synchronize_session=False)
-    )
+    conn.execute(update(_D).where(_D.c.id == plan.delivery_id).values(**values))
+    conn.execute(_TASK_WEBHOOK, {"p_task": row.task_id, "p_status": status, "p_attempts": attempts})
     return countdown
 
 
