@@ -139,7 +139,7 @@ def claim_attempt(
     early_tolerance: float = 1.0,
 ) -> AttemptPlan | None:
     """Claim the next attempt, or None when it is not due or not ours to send."""
-    from app.services.organizations import secrets_in_use
+    from app.services.organizations import signing_secrets
 
     now = now or utcnow()
     conn = session.connection()
@@ -162,7 +162,7 @@ def claim_attempt(
         attempt=claimed.attempts + 1,
         url=claimed.url,
         body=body_of(claimed.payload),
-        secrets=secrets_in_use(current, previous, previous_expires_at, now=now),
+        secrets=signing_secrets(current, previous, previous_expires_at, now=now),
         created_at=claimed.created_at,
         task_id=claimed.task_id,
         request_id=request_id,

@@ -162,17 +162,10 @@ def set_limits(
     return org
 
 
-def signing_secrets(org: Organization, now: datetime | None = None) -> list[str]:
-    """The secrets that sign a webhook now: the current one, and the previous one during the overlap."""
-    return secrets_in_use(
-        org.webhook_secret, org.previous_webhook_secret, org.previous_webhook_secret_expires_at, now=now
-    )
-
-
-def secrets_in_use(
+def signing_secrets(
     current: str, previous: str | None, previous_expires_at: datetime | None, *, now: datetime | None = None
 ) -> list[str]:
-    """:func:`signing_secrets` from the three columns, for callers that read only those."""
+    """The secrets that sign a webhook now: the current one, and the previous one during the overlap."""
     now = now or utcnow()
     out = [current]
     if previous and previous_expires_at is not None and previous_expires_at > now:
