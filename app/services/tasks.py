@@ -106,8 +106,10 @@ def submit(
         )
         return Submitted(task=task, created=True, concurrency_limit=concurrency_limit)
     try:
-        # A savepoint, so that losing an idempotency race undoes the credit
-        # reservation and queue place taken below as well.
+        # The task INSERT comes first, so a request that loses an idempotency
+        # race fails before it takes credits or a queue place; the savepoint
+        # is there because on PostgreSQL a failed statement aborts the whole
+        # transaction, and this one still has to read the winner's task.
         with session.begin_nested():
             task, concurrency_limit = _insert(
                 session, organization_id, req, task_input, fingerprint, cost, now, request_id
@@ -115,8 +117,6 @@ def submit(
     except IntegrityError:
         # Another request claimed this idempotency key first and has
         # committed (the unique index made us wait for it): replay it.
-        if req.idempotency_key is None:
-            raise
         existing = _by_idempotency_key(session, organization_id, req.idempotency_key)
         if existing is None:
             raise
