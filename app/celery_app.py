@@ -14,12 +14,10 @@ MAINTENANCE_QUEUE = "maintenance"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    try:
-        broker = settings.resolved_redis_url()
-    except RuntimeError:
-        # No Redis configured (a unit test, or a CLI call outside a run): the
-        # app is still built; any publish fails and is left to the sweep.
-        broker = "redis://127.0.0.1:1/0"
+    # No placeholder when no broker is configured: a worker, beat or Flower
+    # started outside a run used to report a made-up address (127.0.0.1:1)
+    # instead of the cause. resolved_redis_url's RuntimeError names REDIS_URL.
+    broker = settings.resolved_redis_url()
     sweep = settings.sweep_interval_seconds
     return {
         "broker_url": broker,

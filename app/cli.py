@@ -7,22 +7,68 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+
 from app.db import Database
 from app.services import organizations
-from app.services.errors import ServiceError
+from app.services.errors import ServiceError, ValidationFailed
+from app.services.representation import iso
 from config import Settings
 
 LOCAL_RUN_ENV = "WAYBILL_LOCAL_RUN"
+# Exit statuses: 1 the command failed (unknown id, database unreachable);
+# 2 it was refused before doing anything (bad arguments or configuration).
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+# Database connection attempts from the CLI give up after this long instead
+# of the driver's default (minutes, for a host that drops packets).
+PG_CONNECT_TIMEOUT_SECONDS = 10
+
+
+class CliError(Exception):
+    """An expected failure: one line on stderr and an exit status, no traceback."""
+
+    def __init__(self, message: str, status: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 def _db(settings: Settings) -> Database:
-    return Database(settings.resolved_database_url())
+    url = settings.resolved_database_url()
+    if make_url(url).get_backend_name() == "postgresql":
+        return Database(url, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS})
+    return Database(url)
+
+
+def require_database(settings: Settings) -> None:
+    """Refuse to go on when the SQLite database file is missing, rather than create it.
+
+    SQLite creates a missing file on first connect (and ``make_engine`` its
+    directory), so a command run outside the project folder used to leave a
+    stray ``var/`` with an empty database behind, then fail with a traceback
+    about a missing table. Only ``waybill run`` and ``waybill db upgrade``
+    create the database.
+    """
+    parsed = make_url(settings.resolved_database_url())
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if path.exists():
+        return
+    source = "DATABASE_URL" if settings.database_url else "DATABASE_URL is unset; the default under VAR_DIR"
+    raise CliError(
+        f"no Waybill database at {path} ({source}): run `make run` or `waybill db upgrade` in the "
+        "project folder first, or set DATABASE_URL (or VAR_DIR) to the database to use"
+    )
 
 
 def _print(obj: Any) -> None:
@@ -46,6 +92,7 @@ def cmd_org_create(args: argparse.Namespace, settings: Settings) -> int:
         out = {
             "organizationId": created.organization.id,
             "apiKey": created.key.api_key,
+            "keyId": created.key.key_id,
             "webhookSecret": created.organization.webhook_secret,
         }
     _print(out)
@@ -99,10 +146,27 @@ def cmd_key_create(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_key_list(args: argparse.Namespace, settings: Settings) -> int:
+    with _db(settings).read_session() as s:
+        out = [
+            {
+                "keyId": key.id,
+                # What the key itself begins with, to match it against a key in hand.
+                "prefix": f"{organizations.KEY_PREFIX}{key.prefix}",
+                "createdAt": iso(key.created_at),
+                "revokedAt": iso(key.revoked_at),
+            }
+            for key in organizations.list_api_keys(s, args.org_id)
+        ]
+    _print(out)
+    return 0
+
+
 def cmd_key_revoke(args: argparse.Namespace, settings: Settings) -> int:
     with _db(settings).session() as s:
-        organizations.revoke_api_key(s, args.key_id)
-    _print({"keyId": args.key_id, "revoked": True})
+        key = organizations.revoke_api_key(s, args.key)
+        out = {"keyId": key.id, "revoked": True, "revokedAt": iso(key.revoked_at)}
+    _print(out)
     return 0
 
 
@@ -135,7 +199,29 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0  # pragma: no cover
 
 
-def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+def flower_command(settings: Settings, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Flower's argv and environment; no secret is ever in the argv.
+
+    Any user of the host can read a process's command line (``ps``), so the
+    password goes in the environment: Flower reads ``FLOWER_<OPTION>``
+    variables as its options (``apply_env_options`` in flower/command.py).
+    """
+    env = dict(environ)
+    address = settings.http_host
+    if settings.flower_basic_auth:
+        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    elif environ.get(LOCAL_RUN_ENV) == "1":
+        # The local run goes without a password, so it listens on loopback
+        # only, whatever HTTP_HOST says. Flower 2 answers 401 to its HTTP API
+        # (what the UI's worker and task actions call) when no auth is
+        # configured, unless this variable says the API may go without.
+        address = "127.0.0.1"
+        env["FLOWER_UNAUTHENTICATED_API"] = "true"
+    else:
+        raise CliError(
+            "refusing to start Flower without FLOWER_BASIC_AUTH=user:password "
+            "(only the local run, on 127.0.0.1, may go without)"
+        )
     argv = [
         sys.executable,
         "-m",
@@ -143,20 +229,52 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
         "-A",
         "workers.main",
         "flower",
-        f"--address={settings.http_host}",
+        f"--address={address}",
         f"--port={settings.flower_port}",
     ]
-    if settings.flower_basic_auth:
-        argv.append(f"--basic_auth={settings.flower_basic_auth}")
-    elif os.environ.get(LOCAL_RUN_ENV) != "1":
-        print(
-            "refusing to start Flower without FLOWER_BASIC_AUTH=user:password "
-            "(only the local run, on 127.0.0.1, may go without)",
-            file=sys.stderr,
-        )
-        return 2
-    os.execvp(argv[0], argv)
+    return argv, env
+
+
+def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    argv, env = flower_command(settings, os.environ)
+    os.execvpe(argv[0], argv, env)
     return 0  # pragma: no cover
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now, or None when it can."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As gunicorn and tornado (Flower) do: a port that the previous run
+        # left in TIME_WAIT is free for them, so it is free here too.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def port_problem(settings: Settings) -> str | None:
+    """What stops the local run from listening on its two ports, naming the setting to change."""
+    host = settings.http_host
+    if settings.http_port == settings.flower_port:
+        return (
+            f"HTTP_PORT and FLOWER_PORT are both {settings.http_port}: choose another for one of them, "
+            f"e.g. `FLOWER_PORT={settings.flower_port + 1} make run`"
+        )
+    for name, port in (("HTTP_PORT", settings.http_port), ("FLOWER_PORT", settings.flower_port)):
+        try:
+            error = _bind_error(host, port)
+        except OSError as exc:  # socket.gaierror: the host does not resolve
+            return f"HTTP_HOST {host!r} cannot be listened on ({exc})"
+        if error is not None:
+            return (
+                f"{name} {port} on {host} is not available ({error}): stop what listens there, "
+                f"or choose another port, e.g. `{name}={port + 1} make run`"
+            )
+    return None
 
 
 def ensure_demo(settings: Settings) -> dict[str, str]:
@@ -186,6 +304,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from app.embedded_redis import EmbeddedRedis
     from app.migrate import upgrade
 
+    # Before anything starts: otherwise honcho starts every process, the one
+    # whose port is taken dies, and honcho stops the rest without saying why.
+    problem = port_problem(settings)
+    if problem is not None:
+        raise CliError(problem)
     settings.var_path.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url())
     env = dict(os.environ)
@@ -268,24 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credits", type=int)
     p.add_argument("--queue-limit", type=int)
     p.add_argument("--concurrency-limit", type=int)
-    p.set_defaults(func=cmd_org_create)
+    p.set_defaults(func=cmd_org_create, needs_database=True)
     p = org.add_parser("credit", help="add (or, negative, remove) credits")
     p.add_argument("org_id")
     p.add_argument("amount", type=int)
-    p.set_defaults(func=cmd_org_credit)
+    p.set_defaults(func=cmd_org_credit, needs_database=True)
     p = org.add_parser("limits", help="set an organization's queue or concurrency limit")
     p.add_argument("org_id")
     p.add_argument("--queue-limit", type=int)
     p.add_argument("--concurrency-limit", type=int)
-    p.set_defaults(func=cmd_org_limits)
+    p.set_defaults(func=cmd_org_limits, needs_database=True)
 
     key = sub.add_parser("key", help="API keys").add_subparsers(dest="key_command", required=True)
     p = key.add_parser("create", help="create an API key (shown once)")
     p.add_argument("org_id")
-    p.set_defaults(func=cmd_key_create)
-    p = key.add_parser("revoke", help="revoke an API key")
-    p.add_argument("key_id")
-    p.set_defaults(func=cmd_key_revoke)
+    p.set_defaults(func=cmd_key_create, needs_database=True)
+    p = key.add_parser("list", help="an organization's API keys (prefixes only), live and revoked")
+    p.add_argument("org_id")
+    p.set_defaults(func=cmd_key_list, needs_database=True)
+    p = key.add_parser("revoke", help="revoke an API key, given its id (key_...) or the key (wb_...)")
+    p.add_argument("key", metavar="KEY_ID|KEY")
+    p.set_defaults(func=cmd_key_revoke, needs_database=True)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply the migrations").set_defaults(func=cmd_db_upgrade)
@@ -293,21 +419,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the local run: every Procfile process, until Ctrl-C")
     p.add_argument("--procfile", default="Procfile")
     p.set_defaults(func=cmd_run)
-    sub.add_parser("serve", help="the web process (gunicorn)").set_defaults(func=cmd_serve)
-    sub.add_parser("flower", help="the Flower dashboard").set_defaults(func=cmd_flower)
+    # Both build the app, whose database engine would create a missing SQLite file.
+    p = sub.add_parser("serve", help="the web process (gunicorn)")
+    p.set_defaults(func=cmd_serve, needs_database=True)
+    p = sub.add_parser("flower", help="the Flower dashboard")
+    p.set_defaults(func=cmd_flower, needs_database=True)
     return parser
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"waybill: {message}", file=sys.stderr)
+    return status
+
+
+def _database_error(exc: sa_exc.DBAPIError, settings: Settings) -> str:
+    url = make_url(settings.resolved_database_url()).render_as_string(hide_password=True)
+    lines = str(exc.orig).strip().splitlines() if exc.orig is not None else []
+    reason = lines[0] if lines else type(exc).__name__
+    if "no such table" in reason or ("relation" in reason and "does not exist" in reason):
+        reason += " (run `waybill db upgrade`)"
+    return f"database {url}: {reason}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
     try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        return _fail(f"configuration: {exc}", EXIT_REFUSED)
+    try:
+        if getattr(args, "needs_database", False):
+            require_database(settings)
         return int(args.func(args, settings))
+    except CliError as exc:
+        return _fail(exc.message, exc.status)
+    except ValidationFailed as exc:
+        for field, messages in exc.errors.items():
+            print(f"waybill: {field}: {'; '.join(messages)}", file=sys.stderr)
+        return EXIT_REFUSED
     except ServiceError as exc:
-        print(f"waybill: {exc.detail}", file=sys.stderr)
-        for field, messages in exc.extra.get("errors", {}).items():
-            print(f"  {field}: {'; '.join(messages)}", file=sys.stderr)
-        return 1
+        return _fail(exc.detail, EXIT_FAILED)
+    except sa_exc.ArgumentError as exc:
+        return _fail(f"DATABASE_URL is not a usable database URL: {exc}", EXIT_REFUSED)
+    except sa_exc.DBAPIError as exc:
+        # Integrity and data errors are bugs, not the environment: keep their traceback.
+        if isinstance(exc, sa_exc.IntegrityError | sa_exc.DataError):
+            raise
+        return _fail(_database_error(exc, settings), EXIT_FAILED)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,10 +68,32 @@ class Settings:
     # Failed authentications allowed per client address per minute; past it
     # every /v1 call from that address answers 429 until the minute ends.
     auth_failures_per_minute: int = 30
+    # How many reverse proxies in front of the web processes append to
+    # X-Forwarded-For; the client address (for the limiter above and the
+    # logs) is then the one that many hops from the right. 0: the peer address.
+    trusted_proxy_hops: int = 0
+    # Bearer token that /metrics requires when set (docs/operations.rst).
+    metrics_token: str = ""
     # Fault injection for the chaos suite only (tests/chaos): the web process
     # dies right after committing a task, before handing it to dispatch, with
-    # this probability. Never set it in production.
+    # this probability. Never set it in production: refused unless
+    # fault_injection is set too, so one stray variable cannot do it.
     fault_crash_after_commit: float = 0.0
+    fault_injection: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_fault_injection()
+
+    def _check_fault_injection(self) -> None:
+        p = self.fault_crash_after_commit
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"FAULT_CRASH_AFTER_COMMIT: a probability from 0 to 1, not {p}")
+        if p and not self.fault_injection:
+            raise ValueError(
+                f"FAULT_CRASH_AFTER_COMMIT={p} makes the web process exit on purpose after commits; "
+                "it is for the chaos suite only and needs FAULT_INJECTION=1 as well. "
+                "Unset FAULT_CRASH_AFTER_COMMIT outside tests."
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

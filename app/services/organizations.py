@@ -97,12 +97,50 @@ def create_api_key(session: Session, organization_id: str) -> CreatedKey:
     return CreatedKey(key_id=key.id, api_key=api_key)
 
 
-def revoke_api_key(session: Session, key_id: str) -> None:
-    key = session.get(ApiKey, key_id)
-    if key is None:
-        raise NotFound(f"no API key {key_id}")
+def list_api_keys(session: Session, organization_id: str) -> list[ApiKey]:
+    """The organization's keys, live and revoked, oldest first (only prefixes: keys are never stored)."""
+    get_organization(session, organization_id)
+    return list(
+        session.execute(
+            select(ApiKey)
+            .where(ApiKey.organization_id == organization_id)
+            .order_by(ApiKey.created_at, ApiKey.id)
+        ).scalars()
+    )
+
+
+def _key_prefix(api_key: str) -> str | None:
+    if not api_key.startswith(KEY_PREFIX):
+        return None
+    return api_key[len(KEY_PREFIX) :].split("_", 1)[0]
+
+
+def find_api_key(session: Session, key_id_or_key: str) -> ApiKey:
+    """The key row named by its id (``key_...``) or by the key itself (``wb_...``), revoked or not.
+
+    A key is found as ``authenticate`` finds it: by its prefix, then its hash,
+    compared in constant time. The error never repeats the key, only its prefix.
+    """
+    prefix = _key_prefix(key_id_or_key)
+    if prefix is None:
+        by_id = session.get(ApiKey, key_id_or_key)
+        if by_id is None:
+            raise NotFound(f"no API key {key_id_or_key}")
+        return by_id
+    key = session.execute(select(ApiKey).where(ApiKey.prefix == prefix)).scalar_one_or_none()
+    expected = key.key_hash if key is not None else "0" * 64
+    if not hmac.compare_digest(expected, hash_key(key_id_or_key)) or key is None:
+        raise NotFound(f"no API key {KEY_PREFIX}{prefix}_... (unknown prefix, or not that key)")
+    return key
+
+
+def revoke_api_key(session: Session, key_id_or_key: str) -> ApiKey:
+    """Revoke a key given its id or the key itself; revoking a revoked key keeps its first revocation time."""
+    key = find_api_key(session, key_id_or_key)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
+        session.flush()
+    return key
 
 
 def authenticate(session: Session, api_key: str) -> str | None:
@@ -111,9 +149,9 @@ def authenticate(session: Session, api_key: str) -> str | None:
     One indexed read of the key row: it holds the organization id, and the
     foreign key guarantees the organization exists.
     """
-    if not api_key.startswith(KEY_PREFIX):
+    prefix = _key_prefix(api_key)
+    if prefix is None:
         return None
-    prefix = api_key[len(KEY_PREFIX) :].split("_", 1)[0]
     row = session.execute(
         select(ApiKey.key_hash, ApiKey.organization_id, ApiKey.revoked_at).where(ApiKey.prefix == prefix)
     ).first()
@@ -154,6 +192,16 @@ def set_limits(
     queue_limit: int | None = None,
     concurrency_limit: int | None = None,
 ) -> Organization:
+    # Both checked before anything changes. A negative queue limit refuses every
+    # submission; a concurrency limit of 0 lets tasks be charged and queued but
+    # never run: neither is a state an organization should be left in.
+    errors: dict[str, list[str]] = {}
+    if queue_limit is not None and queue_limit < 0:
+        errors["queueLimit"] = [f"must be 0 or more (got {queue_limit})"]
+    if concurrency_limit is not None and concurrency_limit < 1:
+        errors["concurrencyLimit"] = [f"must be 1 or more (got {concurrency_limit})"]
+    if errors:
+        raise ValidationFailed(errors)
     org = get_organization(session, organization_id)
     if queue_limit is not None:
         org.queue_limit = queue_limit

@@ -295,7 +295,7 @@ def _platform(root: Path, cfg: ChaosConfig) -> Iterator[dict[str, Any]]:
                 "8",
                 "app.wsgi:app",
             ],
-            {**env, "FAULT_CRASH_AFTER_COMMIT": str(cfg.crash_after_commit)},
+            {**env, "FAULT_CRASH_AFTER_COMMIT": str(cfg.crash_after_commit), "FAULT_INJECTION": "1"},
             root,
         ),
         "worker": Proc(
