@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -53,6 +54,13 @@ def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_deferred if read_only else _sqlite_begin)
         return engine
+    if parsed.get_backend_name() == "postgresql":
+        # Pinned, whatever the server's default_transaction_isolation: the
+        # idempotency race (INSERT waits on the unique index, then the loser
+        # reads the winner's row) and the conditional UPDATEs of claims and
+        # records rely on READ COMMITTED's fresh snapshot per statement.
+        # Under REPEATABLE READ the loser's read cannot see the winner's row.
+        kwargs.setdefault("isolation_level", "READ COMMITTED")
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
@@ -116,3 +124,8 @@ def rowcount(result: Result[Any]) -> int:
     """Rows matched by an UPDATE or DELETE (``execute`` is typed as returning a plain Result)."""
     assert isinstance(result, CursorResult)
     return int(result.rowcount)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database away or busy (restart, failover, lock timeout): retry; the data is not at fault."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

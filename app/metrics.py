@@ -23,7 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 TOP_ORGANIZATIONS = 20
@@ -138,22 +138,61 @@ class LiveCollector(Collector):
         yield running
 
 
-def render(waybill: Any) -> tuple[bytes, str]:
-    registry = CollectorRegistry()
+class _OrganizationsSummed:
+    """A registry view whose ``organization`` labels are summed into one ``all`` series.
+
+    Organization ids are an operator's business: without ``METRICS_TOKEN``
+    anyone who reaches /metrics may read it, so it shows totals only.
+    """
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if not any("organization" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            summed: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if "organization" in labels:
+                    labels["organization"] = "all"
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key in summed and sample.name.endswith("_created"):
+                    summed[key] = min(summed[key], sample.value)  # a time: the earliest, not a sum
+                else:
+                    summed[key] = summed.get(key, 0.0) + sample.value
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for (name, pairs), value in summed.items():
+                out.add_sample(name, dict(pairs), value)
+            yield out
+
+
+def render(waybill: Any, *, show_organizations: bool) -> tuple[bytes, str]:
+    """The whole exposition: this host's counters, then the live gauges.
+
+    Each scrape builds its own registries and never registers anything on the
+    process-wide one: concurrent scrapes (threads of one web process) would
+    otherwise register the live collector twice and fail.
+    """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
-        multiprocess.MultiProcessCollector(registry)
+        counters: Any = CollectorRegistry()
+        multiprocess.MultiProcessCollector(counters)
     else:
         from prometheus_client import REGISTRY
 
-        registry = REGISTRY
-    live = LiveCollector(waybill)
-    registry.register(live)
-    try:
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    finally:
-        registry.unregister(live)
+        counters = REGISTRY
+    live = CollectorRegistry(auto_describe=False)
+    live.register(LiveCollector(waybill))
+    parts = (
+        (counters, live)
+        if show_organizations
+        else (_OrganizationsSummed(counters), _OrganizationsSummed(live))
+    )
+    return b"".join(generate_latest(part) for part in parts), CONTENT_TYPE_LATEST
 
 
 def mark_process_dead(pid: int) -> None:

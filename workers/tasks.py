@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import redis
 from celery import shared_task
@@ -10,6 +11,7 @@ from flask import current_app
 from sqlalchemy.exc import OperationalError
 
 from app import metrics
+from app.db import is_transient
 from app.factory import Waybill
 from app.models.base import utcnow
 from app.services import deliveries, runner, sweep, tasks
@@ -19,6 +21,7 @@ from app.services.dispatch import (
     enqueue_from_sql,
     publish_released,
     rebuild,
+    verify_queued,
 )
 from app.services.waiting import CHANNEL, notify_final
 
@@ -80,17 +83,35 @@ def run_task(task_id: str) -> str:
 def deliver_webhook(delivery_id: str) -> str:
     wb = _waybill()
     s = wb.settings
-    with wb.db.session() as session:
-        plan = deliveries.claim_attempt(session, delivery_id, hold_seconds=s.webhook_timeout_seconds + 30)
-    if plan is None:
-        return "skipped"
-    result = deliveries.send_attempt(
-        plan, timeout=s.webhook_timeout_seconds, allow_private=s.webhook_allow_private
-    )
-    with wb.db.session() as session:
-        countdown = deliveries.record_attempt(
-            session, plan, result, retry_base_seconds=s.webhook_retry_base_seconds
+    try:
+        with wb.db.session() as session:
+            plan = deliveries.claim_attempt(session, delivery_id, hold_seconds=s.webhook_timeout_seconds + 30)
+        if plan is None:
+            return "skipped"
+        # send_attempt turns every error of the exchange into an outcome.
+        result = deliveries.send_attempt(
+            plan, timeout=s.webhook_timeout_seconds, allow_private=s.webhook_allow_private
         )
+        with wb.db.session() as session:
+            countdown = deliveries.record_attempt(
+                session, plan, result, retry_base_seconds=s.webhook_retry_base_seconds
+            )
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        # Claiming or recording raised: a failed attempt all the same.
+        log.exception("webhook attempt raised", extra={"event": "webhook.error", "webhook_id": delivery_id})
+        with wb.db.session() as session:
+            countdown = deliveries.record_error(
+                session,
+                delivery_id,
+                f"internal_error: {type(exc).__name__}: {exc}",
+                retry_base_seconds=s.webhook_retry_base_seconds,
+            )
+        metrics.WEBHOOK_ATTEMPTS.labels("error").inc()
+        if countdown is not None:
+            dispatch_delivery(wb.publisher, delivery_id, countdown)
+        return "error"
     metrics.WEBHOOK_ATTEMPTS.labels(result.outcome).inc()
     if result.outcome == deliveries.DELIVERED:
         metrics.WEBHOOK_DELIVERY_SECONDS.observe((utcnow() - plan.created_at).total_seconds())
@@ -115,10 +136,18 @@ def deliver_webhook(delivery_id: str) -> str:
 SWEEP_CONFIRM_BATCHES = 20
 
 
+_eviction_checked: list[int] = []  # pids of processes that have checked
+
+
 @shared_task(name="waybill.maintenance.sweep")
 def sweep_task() -> dict[str, int]:
     wb = _waybill()
     s = wb.settings
+    if os.getpid() not in _eviction_checked:
+        _eviction_checked.append(os.getpid())
+        warning = wb.dispatcher.eviction_warning()
+        if warning is not None:
+            log.warning(warning, extra={"event": "redis.eviction_policy"})
     if not wb.dispatcher.has_epoch():
         # Redis lost the dispatch state (restarted empty): rebuild it from SQL.
         rebuilt = rebuild(wb.db, wb.dispatcher)
@@ -138,6 +167,14 @@ def sweep_task() -> dict[str, int]:
         confirmed += len(batch)
         if len(batch) < sweep.BATCH:
             break
+    # Every queued task, whatever the flag above says, in bounded batches:
+    # a Redis rolled back to an older snapshot is repaired within a minute.
+    verified, restored = verify_queued(wb.db, wb.dispatcher, grace_seconds=s.sweep_grace_seconds)
+    if restored:
+        log.warning(
+            "queued tasks missing from dispatch restored",
+            extra={"event": "dispatch.restored", "status": f"restored={restored} checked={verified}"},
+        )
     orphaned = enqueue_from_sql(wb.db, wb.dispatcher, found.orphaned_ids, drop_leases=True)
     dispatch_step(wb.dispatcher, wb.publisher)
     for delivery_id in found.delivery_ids:
@@ -154,6 +191,8 @@ def sweep_task() -> dict[str, int]:
         )
     return {
         "confirmed": confirmed,
+        "verified": verified,
+        "restored": restored,
         "tasks": missing,
         "orphaned": len(found.orphaned_ids),
         "orphans_requeued": orphaned,

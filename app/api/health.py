@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import hmac
+
+from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import text
 
-from app.api.requests import waybill
+from app.api.requests import Unauthorized, waybill
 
 bp = Blueprint("health", __name__)
 
@@ -30,7 +32,11 @@ def readyz() -> Response:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
-    ready = all(v == "ok" for v in checks.values())
+    else:
+        # A warning, not a failure: Waybill works, but a Redis that may evict
+        # keys can drop dispatch state (the sweep repairs it, late).
+        checks["redisEviction"] = wb.dispatcher.eviction_warning() or "ok"
+    ready = checks["database"] == "ok" and checks["broker"] == "ok"
     response = jsonify({"status": "ready" if ready else "unavailable", "checks": checks})
     response.status_code = 200 if ready else 503
     return response
@@ -40,5 +46,12 @@ def readyz() -> Response:
 def metrics() -> Response:
     from app.metrics import render
 
-    body, content_type = render(waybill())
+    wb = waybill()
+    token = wb.settings.metrics_token
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise Unauthorized("Send the metrics token as `Authorization: Bearer <METRICS_TOKEN>`.")
+    # Per-organization series only to a scraper that proved it is the operator's.
+    body, content_type = render(wb, show_organizations=bool(token))
     return Response(body, mimetype=None, content_type=content_type)

@@ -14,12 +14,12 @@ from typing import Any
 
 from flask import Flask, current_app, g, request
 from sqlalchemy.orm import Session
-from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
 from app.factory import Waybill
 from app.logs import request_id_var
-from app.services import organizations
-from app.services.errors import ServiceError, ValidationFailed
+from app.services import json_limits, organizations
+from app.services.errors import NotFound, ServiceError, ValidationFailed
 
 log = logging.getLogger("waybill.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -59,9 +59,12 @@ def init_app(app: Flask) -> None:
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if _REQUEST_ID.match(given) else "req_" + secrets.token_hex(8)
         request_id_var.set(g.request_id)
+        _refuse_nul()
 
     @app.after_request
     def _echo_request_id(response: Any) -> Any:
+        if request.environ.get("waybill.close_connection"):
+            response.headers["Connection"] = "close"
         if "request_id" in g:
             response.headers["X-Request-Id"] = g.request_id
         if request.path not in ("/healthz", "/metrics"):
@@ -79,6 +82,20 @@ def init_app(app: Flask) -> None:
         return response
 
 
+def _refuse_nul() -> None:
+    """No string of a request may hold U+0000 (``docs/api.md``); PostgreSQL cannot compare it.
+
+    Checked once for every route, before any view reads the path or the
+    query, so that no future route can pass one on to SQL.
+    """
+    if "\x00" in request.path:
+        raise NotFound("No resource at this path.")
+    for name, value in request.args.items(multi=True):
+        if "\x00" in name or "\x00" in value:
+            field = name.replace("\x00", "\\u0000")[:100]
+            raise ValidationFailed({field: ["Must not contain U+0000."]})
+
+
 class TooManyAuthFailures(ServiceError):
     status = 429
     type_slug = "too-many-authentication-failures"
@@ -92,10 +109,21 @@ class TooManyAuthFailures(ServiceError):
         self.headers["Retry-After"] = str(retry_after)
 
 
-def _auth_failure_key(minute: int) -> str:
-    # remote_addr: behind a reverse proxy, configure it to pass the client
-    # address (werkzeug's ProxyFix) or this limits the proxy as a whole.
-    return f"waybill:authfail:{request.remote_addr or 'unknown'}:{minute}"
+def client_address() -> str:
+    """The client's address: the peer, or what the trusted proxies say (``TRUSTED_PROXY_HOPS``)."""
+    hops = waybill().settings.trusted_proxy_hops
+    if hops > 0:
+        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+        # Each trusted proxy appends the address it received from; the one
+        # `hops` from the right was written by the outermost trusted proxy.
+        # Anything left of it is the client's own claim and is not believed.
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    return request.remote_addr or "unknown"
+
+
+def _auth_failure_key(address: str, minute: int) -> str:
+    return f"waybill:authfail:{address}:{minute}"
 
 
 # Addresses this process has seen go over the limit, until the end of that
@@ -106,44 +134,47 @@ _blocked: set[tuple[str, int]] = set()
 _blocked_lock = threading.Lock()
 
 
-def _check_blocked(minute: int) -> None:
-    if (request.remote_addr or "unknown", minute) in _blocked:
-        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
+def _auth_failed(minute: int, error: Unauthorized) -> Unauthorized | TooManyAuthFailures:
+    """What to answer a request whose key failed: 401, or 429 once its address is over the limit.
 
-
-def _note_auth_failure(minute: int) -> None:
+    Only requests that failed authentication are ever limited: a valid key
+    from the same address (one NAT, one proxy, many tenants) always gets
+    through, whatever others sent from there (``docs/api.md``).
+    """
+    address = client_address()
+    retry = TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
+    if (address, minute) in _blocked:
+        return retry
     limit = waybill().settings.auth_failures_per_minute
     if limit <= 0:
-        return
+        return error
     try:
-        key = _auth_failure_key(minute)
+        key = _auth_failure_key(address, minute)
         pipe = waybill().redis.pipeline()
         pipe.incr(key)
         pipe.expire(key, 120)
         count = int(pipe.execute()[0])
     except Exception:  # Redis away: authentication still works, unthrottled
-        return
+        return error
     if count > limit:
         with _blocked_lock:
             _blocked.difference_update({b for b in _blocked if b[1] < minute})
-            _blocked.add((request.remote_addr or "unknown", minute))
-        raise TooManyAuthFailures(retry_after=60 - int(time.time()) % 60)
+            _blocked.add((address, minute))
+        return retry
+    return error
 
 
 def organization_id() -> str:
     """The authenticated organization's id; 401, or 429 for an address that keeps failing."""
     minute = int(time.time() // 60)
-    _check_blocked(minute)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        _note_auth_failure(minute)
-        raise Unauthorized("Send your API key as `Authorization: Bearer <key>`.")
+        raise _auth_failed(minute, Unauthorized("Send your API key as `Authorization: Bearer <key>`."))
     with read_session() as s:
         org_id = organizations.authenticate(s, token.strip())
     if org_id is None:
-        _note_auth_failure(minute)
-        raise Unauthorized("The API key is unknown or revoked.")
+        raise _auth_failed(minute, Unauthorized("The API key is unknown or revoked."))
     g.organization_id = org_id
     return org_id
 
@@ -160,30 +191,87 @@ def _reject_constant(name: str) -> Any:
 
 
 def json_body() -> dict[str, Any]:
-    """The request's JSON object; 415 unless it is JSON, 400 unless it parses to an object."""
+    """The request's JSON object: 415 unless JSON, 400 unless an object within the limits."""
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
         raise UnsupportedMediaType("Send the task as JSON with `Content-Type: application/json`.")
-    raw = request.get_data(cache=False)  # reads at most MAX_CONTENT_LENGTH bytes, else 413
+    raw = read_body(waybill().settings.max_body_bytes)
     try:
         text = raw.decode("utf-8")
         body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-        # PostgreSQL's JSONB cannot hold NUL or lone surrogates: refuse them
-        # here, for every database alike, rather than fail at the INSERT.
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-        if "\\u0000" in text or "\x00" in text:
-            raise ValueError("NUL characters are not accepted")
     except UnicodeError:
         raise ValidationFailed({"body": ["Not valid UTF-8."]}, "The body is not valid UTF-8.") from None
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise ValidationFailed(
+            {"body": [f"Nested more than {json_limits.MAX_INPUT_DEPTH} levels deep."]},
+            "The body is nested too deeply.",
+        ) from None
+    except ValueError as exc:
         raise ValidationFailed(
             {"body": [f"Not valid JSON: {exc}"[:200]]}, "The body is not valid JSON."
         ) from None
     if not isinstance(body, dict):
         raise ValidationFailed({"body": ["Must be a JSON object."]})
+    # No string anywhere may hold U+0000 (PostgreSQL cannot store it), and no
+    # field may nest deeper than the spec's limit (a worker would recurse on it).
+    found = json_limits.violation(body, max_depth=None)
+    if found is None:
+        for name, value in body.items():
+            found = json_limits.violation(value, max_depth=json_limits.MAX_INPUT_DEPTH, path=str(name))
+            if found is not None:
+                break
+    if found is not None:
+        where, reason = found
+        where = where[:200]
+        raise ValidationFailed({where: [f"{reason[0].upper()}{reason[1:]}."]})
     return body
+
+
+# A body over the limit is still read, up to this much, before the 413 is
+# sent: a client still writing when the server answers and closes gets a
+# connection reset instead of the answer. Past it the connection is closed.
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
+
+
+def read_body(limit: int) -> bytes:
+    """At most ``limit`` bytes of the body, whatever its framing; 413 (after draining) beyond it.
+
+    Content-Length and chunked bodies alike are read from the WSGI input
+    directly: werkzeug applies ``MAX_CONTENT_LENGTH`` to the declared length,
+    and a chunked body, which declares none, was cut at the limit and parsed.
+    """
+    stream = request.environ["wsgi.input"]
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        _drain(stream, declared)
+        raise RequestEntityTooLarge()
+    want = declared if declared is not None else limit + 1
+    chunks: list[bytes] = []
+    size = 0
+    while size < want:
+        chunk = stream.read(min(65536, want - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        _drain(stream, DRAIN_LIMIT_BYTES)
+        raise RequestEntityTooLarge()
+    return b"".join(chunks)
+
+
+def _drain(stream: Any, declared: int) -> None:
+    left = min(declared, DRAIN_LIMIT_BYTES)
+    while left > 0:
+        chunk = stream.read(min(65536, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+    if declared > DRAIN_LIMIT_BYTES:
+        # Too much to read: say so, and let the server close the connection.
+        request.environ["waybill.close_connection"] = True
 
 
 __all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "read_session", "session", "waybill"]

@@ -90,6 +90,7 @@ class Task(Base):
         # The sweep's look-ups.
         Index("ix_tasks_status_dispatched", "status", "dispatched_at"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
+        Index("ix_tasks_status_id", "status", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -222,6 +222,30 @@ def record_attempt(
     return countdown
 
 
+def record_error(
+    session: Session, delivery_id: str, error: str, *, retry_base_seconds: float, now: datetime | None = None
+) -> float | None:
+    """Record an attempt that raised before or after sending (claim, payload, record) as failed.
+
+    It counts as one of the delivery's attempts, retried on the usual
+    schedule and failed after the last: a delivery that cannot be sent ends,
+    instead of staying pending for the sweep to try again forever.
+    """
+    attempts = session.connection().execute(select(_D.c.attempts).where(_D.c.id == delivery_id)).scalar()
+    if attempts is None:
+        return None
+    plan = AttemptPlan(
+        delivery_id=delivery_id,
+        attempt=attempts + 1,
+        url="",
+        body=b"",
+        secrets=[],
+        created_at=now or utcnow(),
+    )
+    outcome = AttemptOutcome("error", None, 0, error[:200])
+    return record_attempt(session, plan, outcome, retry_base_seconds=retry_base_seconds, now=now)
+
+
 def retry_delay(base: float, failed_attempts: int) -> float:
     """~base, 2*base, 4*base, 8*base after the 1st, 2nd, 3rd, 4th failure, with ±5% jitter."""
     delay = base * 2 ** (failed_attempts - 1)
@@ -240,6 +264,10 @@ def redeliver(session: Session, task: Task, *, now: datetime | None = None) -> l
         ).scalars()
     )
     if not rows:
+        if not task.webhook_url:
+            raise NothingToDeliver(
+                "The task was submitted without a webhook URL, so it has no webhook event to deliver."
+            )
         raise NothingToDeliver(
             "The task has not finished, so it has no webhook event yet; events are "
             "sent when it reaches succeeded, failed or canceled."
@@ -322,6 +350,11 @@ def send_attempt(plan: AttemptPlan, *, timeout: float, allow_private: bool) -> A
         return AttemptOutcome("refused", None, _ms(started), f"unsafe_target: {exc}"[:200])
     except outbound.OutboundError as exc:
         return AttemptOutcome(exc.kind, None, _ms(started), exc.kind)
+    except Exception as exc:
+        # Whatever else went wrong is this attempt's failure, recorded and
+        # retried like any other: never an exception that leaves the delivery
+        # pending with no attempt for the sweep to send again forever.
+        return AttemptOutcome("error", None, _ms(started), f"{type(exc).__name__}: {exc}"[:200])
     status = response.status
     if 200 <= status < 300:
         return AttemptOutcome(DELIVERED, status, response.elapsed_ms, None)

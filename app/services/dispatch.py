@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import redis
@@ -57,6 +58,7 @@ LEASE_ORG = P + "lease:org"
 CLIMIT = P + "climit"
 EPOCH = P + "epoch"
 DRAIN = P + "drain"
+VERIFY_CURSOR = P + "verify:cursor"
 DRAIN_TAU_SECONDS = 60.0  # time constant of the drain rate's exponential decay
 CELERY_TASKS_QUEUE = "tasks"  # kombu's Redis transport keeps a queue in a list of its name
 
@@ -323,6 +325,36 @@ class Dispatcher:
     def running(self, org_id: str) -> int:
         return int(self.redis.zcard(leases_key(org_id)))
 
+    def missing(self, task_ids: list[str]) -> list[str]:
+        """The ids that are neither waiting nor leased: dispatch does not know them."""
+        if not task_ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smismember(KNOWN, task_ids)
+        pipe.zmscore(LEASES, task_ids)
+        waiting, leased = pipe.execute()
+        return [t for t, w, score in zip(task_ids, waiting, leased, strict=True) if not w and score is None]
+
+    def verify_cursor(self) -> str:
+        value = self.redis.get(VERIFY_CURSOR)
+        return value.decode() if isinstance(value, bytes) else (value or "")
+
+    def set_verify_cursor(self, task_id: str) -> None:
+        self.redis.set(VERIFY_CURSOR, task_id)
+
+    def eviction_warning(self) -> str | None:
+        """A warning when Redis's ``maxmemory-policy`` may evict keys (dispatch state among them)."""
+        try:
+            policy = str(self.redis.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+        except redis.RedisError:  # CONFIG may be disabled on a managed Redis: nothing to say
+            return None
+        if policy in ("", "noeviction"):
+            return None
+        return (
+            f"warning: maxmemory-policy is {policy}; Redis may evict dispatch state, which the "
+            "sweep then rebuilds late (set maxmemory-policy noeviction; docs/operations.rst)"
+        )
+
     def has_epoch(self) -> bool:
         return bool(self.redis.exists(EPOCH))
 
@@ -403,7 +435,12 @@ def dispatch_delivery(publisher: Publisher, delivery_id: str | None, countdown: 
 
 
 def enqueue_from_sql(
-    db: Database, dispatcher: Dispatcher, task_ids: Iterable[str], *, drop_leases: bool = False
+    db: Database,
+    dispatcher: Dispatcher,
+    task_ids: Iterable[str],
+    *,
+    drop_leases: bool = False,
+    status: TaskStatus | None = None,
 ) -> int:
     """Make sure tasks SQL says are waiting (or whose run died) are in dispatch; returns the missing ones.
 
@@ -413,6 +450,7 @@ def enqueue_from_sql(
     has confirmed it and does not look at it again.
     ``drop_leases``: the tasks' runs are known dead (their SQL lease expired),
     so a dispatch lease Redis may still hold for them is stale and is dropped.
+    ``status``: only the tasks still in this status (one read, under the check).
     """
     ids = list(task_ids)
     if not ids:
@@ -421,7 +459,7 @@ def enqueue_from_sql(
         rows = session.execute(
             select(Task.id, Task.organization_id, Organization.concurrency_limit)
             .join(Organization, Organization.id == Task.organization_id)
-            .where(Task.id.in_(ids))
+            .where(Task.id.in_(ids), *([Task.status == status.value] if status is not None else []))
             .order_by(Task.id.desc())  # LPUSH one by one: the oldest ends up first
         ).all()
     if not rows:
@@ -440,6 +478,52 @@ def enqueue_from_sql(
             .values(dispatched_at=utcnow())
         )
     return added
+
+
+def verify_queued(
+    db: Database,
+    dispatcher: Dispatcher,
+    *,
+    grace_seconds: float,
+    batches: int = 10,
+    batch: int = 2000,
+    now: datetime | None = None,
+) -> tuple[int, int]:
+    """Check queued tasks against Redis, whatever their ``dispatched_at``; returns (checked, restored).
+
+    Redis may come back from an older snapshot (a restart from RDB or AOF,
+    a failover to a lagging replica) or evict keys: its epoch is there, the
+    sweep's confirmation flag says the task was handed over, and still
+    Redis does not know the task. This walk finds every such task: queued
+    tasks in id order (the ``(status, id)`` index) from a cursor kept in
+    Redis, at most ``batches * batch`` per call, one Redis round trip per
+    batch; at the end of the table it starts over. Each sweep (every 5 s)
+    checks 20,000: a backlog of 240,000 queued tasks is walked in a minute.
+    Tasks younger than the grace period are left to their submission.
+    """
+    grace = (now or utcnow()) - timedelta(seconds=grace_seconds)
+    cursor = dispatcher.verify_cursor()
+    checked = restored = 0
+    for _ in range(batches):
+        with db.read_session() as session:
+            ids = list(
+                session.execute(
+                    select(Task.id)
+                    .where(Task.status == TaskStatus.QUEUED.value, Task.id > cursor, Task.created_at < grace)
+                    .order_by(Task.id)
+                    .limit(batch)
+                ).scalars()
+            )
+        checked += len(ids)
+        missing = dispatcher.missing(ids)
+        if missing:
+            restored += enqueue_from_sql(db, dispatcher, missing, status=TaskStatus.QUEUED)
+        if len(ids) < batch:
+            cursor = ""  # the end of the table: the next walk starts over
+            break
+        cursor = ids[-1]
+    dispatcher.set_verify_cursor(cursor)
+    return checked, restored
 
 
 def rebuild(db: Database, dispatcher: Dispatcher, *, batch: int = 5000) -> int:
@@ -461,10 +545,12 @@ def rebuild(db: Database, dispatcher: Dispatcher, *, batch: int = 5000) -> int:
             )
         if not rows:
             break
-        pipe_count = 0
+        # One round trip per batch: 100,000 waiting tasks must not hold the
+        # maintenance queue for 100,000 round trips.
+        pipe = dispatcher.redis.pipeline(transaction=False)
         for task_id, org_id, limit in rows:
-            pipe_count += dispatcher.enqueue(org_id, task_id, limit)
-        count += pipe_count
+            dispatcher.enqueue(org_id, task_id, limit, client=pipe)
+        count += sum(1 for added in pipe.execute() if added)
         last = rows[-1][0]
     dispatcher.mark_epoch()
     return count

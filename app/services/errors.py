@@ -22,9 +22,17 @@ class ValidationFailed(ServiceError):
     type_slug = "validation-error"
     title = "The request is not valid"
 
-    def __init__(self, errors: dict[str, list[str]], detail: str = "The request is not valid") -> None:
-        super().__init__(detail, errors=errors)
+    def __init__(self, errors: dict[str, list[str]], detail: str | None = None) -> None:
+        super().__init__(detail or self.first_error(errors), errors=errors)
         self.errors = errors
+
+    @staticmethod
+    def first_error(errors: dict[str, list[str]]) -> str:
+        """A detail that says what to fix: the first bad field and its first message."""
+        for field, messages in errors.items():
+            message = messages[0] if messages else "is not valid"
+            return f"{field}: {message}"[:300]
+        return "The request is not valid."
 
 
 class NotFound(ServiceError):

@@ -18,7 +18,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -29,8 +29,12 @@ _EXTRA_FORBIDDEN = [
     ipaddress.ip_network("192.0.0.0/24"),
     ipaddress.ip_network("198.18.0.0/15"),
     ipaddress.ip_network("fd00:ec2::254/128"),  # AWS metadata over IPv6
+    # Newer than some Pythons' tables of special ranges (RFC 9637: documentation).
+    ipaddress.ip_network("3fff::/20"),
 ]
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
 
 
 class UnsafeTarget(Exception):
@@ -64,6 +68,9 @@ def is_forbidden_address(ip: IPAddress) -> bool:
         or ip.is_link_local
         or ip.is_private
         or ip.is_unspecified
+        # Deprecated site-local IPv6 (fec0::/10) is still routed inside some
+        # networks, and `is_global` calls it global.
+        or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
     )
 
 
@@ -122,9 +129,12 @@ def parse_url(url: str) -> Target:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise UnsafeTarget("URL host is not a valid name") from None
-    path = parts.path or "/"
+    # The request line is ASCII: a path or query with other characters
+    # (``/café``) is sent percent-encoded as UTF-8, as browsers do;
+    # what is already percent-encoded, and every reserved character, is kept.
+    path = quote(parts.path or "/", safe=_PATH_SAFE)
     if parts.query:
-        path = f"{path}?{parts.query}"
+        path = f"{path}?{quote(parts.query, safe=_QUERY_SAFE)}"
     return Target(
         url=url,
         scheme=scheme,

@@ -16,9 +16,9 @@ from typing import Any
 import redis
 
 from app import metrics
-from app.db import Database
+from app.db import Database, is_transient
 from app.models.base import utcnow
-from app.services import tasks
+from app.services import json_limits, tasks
 from app.services.dispatch import Dispatcher
 from app.services.task_types import Registry, TaskContext, TaskError
 
@@ -138,44 +138,56 @@ def execute(
     task_id: str,
     dispatcher: Dispatcher | None = None,
 ) -> RunOutcome:
-    """Run the task once if it is ours to run; the caller frees its slot when ``release``."""
-    with db.session() as session:
-        claim = tasks.claim(
-            session,
-            task_id,
-            lease_seconds=settings.lease_seconds,
-            max_attempts=settings.max_attempts,
-            retention_days=settings.retention_days,
-        )
-        task = claim.task
-        if task is None:
-            if claim.reason == "busy" and dispatcher is not None and claim.lease_expires_at is not None:
-                # A duplicate release of a task another run holds: let its
-                # dispatch lease end with that run's lease, so a dead run's
-                # task comes back as soon as its SQL lease says so.
-                left = (claim.lease_expires_at - utcnow()).total_seconds()
-                _quietly(dispatcher.renew, task_id, max(1.0, left + 1.0))
-            if claim.reason == "lost":
-                metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
-            return RunOutcome(
-                ran=False,
-                recorded=claim.reason == "lost",
-                delivery_id=claim.delivery_id,
-                status="failed" if claim.reason == "lost" else None,
-                release=claim.reason != "busy",
+    """Run the task once if it is ours to run; the caller frees its slot when ``release``.
+
+    Whatever raises on the way -- claiming, decoding the input, the handler,
+    checking or recording the result -- ends the task as a recorded failure
+    (``failed`` with a code, credits refunded, the slot freed): never an
+    exception that leaves it claimed or queued for the lease to bring back.
+    Only a database that is away (:func:`app.db.is_transient`) propagates:
+    the Celery task retries the message until it is back.
+    """
+    try:
+        with db.session() as session:
+            claim = tasks.claim(
+                session,
+                task_id,
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                retention_days=settings.retention_days,
             )
-        attempt = claim.attempt
-        created_at = task.created_at
-        type_name = task.type
-        request_id = task.request_id
-        task_type = registry.get(task.type)
-        task_input = task.input
-        context = TaskContext(
-            task_id=task.id,
-            organization_id=task.organization_id,
-            attempt=attempt,
-            allow_private_targets=settings.allow_private_targets,
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return _fail(db, settings, task_id, "claim_failed", "Waybill could not start this task", exc)
+    task = claim.task
+    if task is None:
+        if claim.reason == "busy" and dispatcher is not None and claim.lease_expires_at is not None:
+            # A duplicate release of a task another run holds: let its
+            # dispatch lease end with that run's lease, so a dead run's
+            # task comes back as soon as its SQL lease says so.
+            left = (claim.lease_expires_at - utcnow()).total_seconds()
+            _quietly(dispatcher.renew, task_id, max(1.0, left + 1.0))
+        if claim.reason == "lost":
+            metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
+        return RunOutcome(
+            ran=False,
+            recorded=claim.reason == "lost",
+            delivery_id=claim.delivery_id,
+            status="failed" if claim.reason == "lost" else None,
+            release=claim.reason != "busy",
         )
+    attempt = claim.attempt
+    created_at = task.created_at
+    type_name = task.type
+    request_id = task.request_id
+    task_type = registry.get(task.type)
+    context = TaskContext(
+        task_id=task.id,
+        organization_id=task.organization_id,
+        attempt=attempt,
+        allow_private_targets=settings.allow_private_targets,
+    )
     log.info(
         "task started",
         extra={
@@ -190,21 +202,38 @@ def execute(
     error: tuple[str, str] | None = None
     run_started = time.monotonic()
     with _leases.hold(db, dispatcher, task_id, attempt, settings.lease_seconds):
-        if task_type is None:
-            error = ("unknown_type", f"No handler is installed for task type {task.type!r}.")
+        try:
+            task_input = tasks.decode_input(claim.input_json)
+        except (ValueError, RecursionError) as exc:
+            error = ("input_unreadable", f"The stored input cannot be decoded: {type(exc).__name__}")
         else:
-            try:
-                result = task_type.handler(task_input, context)
-            except TaskError as exc:
-                error = (exc.code, exc.message)
-            except Exception as exc:
-                error = ("handler_error", f"{type(exc).__name__}: {exc}"[:1000])
+            if task_type is None:
+                error = ("unknown_type", f"No handler is installed for task type {type_name!r}.")
             else:
-                error = _check_result(result)
-                if error is not None:
-                    result = None
-    with db.session() as session:
-        recorded, delivery_id = tasks.record_result(session, task_id, attempt, result=result, error=error)
+                try:
+                    result = task_type.handler(task_input, context)
+                except TaskError as exc:
+                    error = (exc.code, exc.message)
+                except Exception as exc:
+                    error = ("handler_error", f"{type(exc).__name__}: {exc}"[:1000])
+                else:
+                    error = _check_result(result)
+                    if error is not None:
+                        result = None
+    try:
+        with db.session() as session:
+            recorded, delivery_id = tasks.record_result(
+                session,
+                task_id,
+                attempt,
+                result=result,
+                error=error,
+                retention_days=settings.retention_days,
+            )
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return _fail(db, settings, task_id, "result_not_storable", "The outcome could not be recorded", exc)
     status = "failed" if error else "succeeded"
     metrics.TASK_RUN_SECONDS.labels(type_name).observe(time.monotonic() - run_started)
     if recorded:
@@ -223,7 +252,31 @@ def execute(
     return RunOutcome(ran=True, recorded=recorded, delivery_id=delivery_id, status=status)
 
 
+def _fail(
+    db: Database, settings: RunSettings, task_id: str, code: str, what: str, exc: Exception
+) -> RunOutcome:
+    """Record the task as failed after an unexpected error; the caller frees its slot."""
+    log.exception(
+        "task run raised; recorded as failed",
+        extra={"event": "task.run_error", "task_id": task_id, "error": type(exc).__name__},
+    )
+    message = f"{what}: {type(exc).__name__}: {exc}"[:1000]
+    with db.session() as session:
+        failed, delivery_id = tasks.fail_task(
+            session, task_id, code, message, retention_days=settings.retention_days
+        )
+    if failed:
+        metrics.TASKS_FINISHED.labels("unknown", "failed").inc()
+    return RunOutcome(
+        ran=False, recorded=failed, delivery_id=delivery_id, status="failed" if failed else None
+    )
+
+
 def _check_result(result: Any) -> tuple[str, str] | None:
+    found = json_limits.violation(result, max_depth=json_limits.MAX_RESULT_DEPTH, path="result")
+    if found is not None:
+        where, reason = found
+        return ("result_invalid", f"The handler's result cannot be stored: {where} {reason}."[:1000])
     try:
         size = len(json.dumps(result))
     except (TypeError, ValueError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -53,6 +54,16 @@ class TaskType:
             raw = {}
         if not isinstance(raw, dict):
             raise ValidationFailed({"input": ["Must be a JSON object."]})
+        # First the published schema itself, strictly: marshmallow alone
+        # would turn "5" into 5.0 for a field that /v1/task-types says is a number.
+        errors: dict[str, list[str]] = {}
+        for error in self._validator.iter_errors(raw):
+            if error.validator in ("required", "additionalProperties"):
+                continue  # marshmallow's messages below name the very field
+            where = ".".join(["input", *(str(p) for p in error.absolute_path)])
+            errors.setdefault(where, []).append(_jsonschema_message(error))
+        if errors:
+            raise ValidationFailed(errors)
         try:
             return self.input_schema().load(raw)
         except ValidationError as exc:
@@ -62,6 +73,33 @@ class TaskType:
         if self.input_schema is None:
             return {}
         return marshmallow_to_json_schema(self.input_schema)
+
+    @cached_property
+    def _validator(self) -> Any:
+        from jsonschema import Draft202012Validator
+
+        return Draft202012Validator(_openapi_to_json_schema(self.json_schema()))
+
+
+def _openapi_to_json_schema(schema: Any) -> Any:
+    """OpenAPI 3.0's ``nullable: true`` as JSON Schema's ``type: [..., "null"]``."""
+    if isinstance(schema, list):
+        return [_openapi_to_json_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _openapi_to_json_schema(v) for k, v in schema.items() if k != "nullable"}
+    if schema.get("nullable") and "type" in out:
+        types = out["type"] if isinstance(out["type"], list) else [out["type"]]
+        out["type"] = [*types, "null"]
+    return out
+
+
+def _jsonschema_message(error: Any) -> str:
+    if error.validator == "type":
+        expected = error.validator_value
+        names = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"Must be of type {names}."
+    return f"{error.message[:1].upper()}{error.message[1:]}."[:300]
 
 
 def marshmallow_to_json_schema(schema: type[Schema]) -> dict[str, Any]:

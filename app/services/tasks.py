@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, inspect, or_, select, update
+from sqlalchemy import Table, Text, bindparam, insert, inspect, or_, select, update
+from sqlalchemy import cast as cast_
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app import ids
 from app.db import rowcount
@@ -94,6 +95,11 @@ def submit(
 
     if req.idempotency_key is not None:
         existing = _by_idempotency_key(session, organization_id, req.idempotency_key)
+        if existing is not None and _expired(existing):
+            # GET and list already say it does not exist: its key is free
+            # again. Deleted now (retention would soon) so the new task can have it.
+            delete_tasks(session, [existing.id])
+            existing = None
         if existing is not None:
             return _replay(existing, req.idempotency_key, fingerprint)
 
@@ -155,6 +161,12 @@ def _bind(name: str, column: str) -> Any:
 
 
 _TASK_ATTR = {column: attr for attr, column in _TASK_COLUMN.items()}
+# A claim returns the task without decoding its input: the input comes back
+# as JSON text, decoded by the runner after the claim has committed, so that
+# an input that cannot be decoded is the run's recorded failure rather than
+# a claim that rolls back and is retried forever.
+_PLAIN_COLUMNS = [c for c in _TASKS.c if c.name not in ("input", "result")]
+_INPUT_TEXT = cast_(_TASKS.c.input, Text).label("input_json")
 _CLAIM_QUEUED = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("p_id"), _TASKS.c.status == TaskStatus.QUEUED.value)
@@ -164,8 +176,16 @@ _CLAIM_QUEUED = (
         started_at=_bind("p_now", "started_at"),  # a queued task has never started
         lease_expires_at=_bind("p_lease", "lease_expires_at"),
     )
-    .returning(*_TASKS.c)
+    .returning(*_PLAIN_COLUMNS, _INPUT_TEXT)
 )
+_INPUT_OF = select(_INPUT_TEXT).where(_TASKS.c.id == bindparam("p_id"))
+
+
+def _detached(row: Any) -> Task:
+    """A Task made from a row of plain columns; nothing is written through it."""
+    return Task(**{_TASK_ATTR[c.name]: row._mapping[c.name] for c in _PLAIN_COLUMNS})
+
+
 _ORG_STARTED = (
     update(_ORGS)
     .where(_ORGS.c.id == bindparam("p_org"))
@@ -205,6 +225,24 @@ _ORG_FINISHED = (
     update(_ORGS)
     .where(_ORGS.c.id == bindparam("p_org"))
     .values(running=_ORGS.c.running - 1, credits=_ORGS.c.credits + bindparam("p_refund"))
+)
+_ORG_FINISHED_QUEUED = (
+    update(_ORGS)
+    .where(_ORGS.c.id == bindparam("p_org"))
+    .values(queued=_ORGS.c.queued - 1, credits=_ORGS.c.credits + bindparam("p_refund"))
+)
+_LOCK_PLAIN = (
+    select(_TASKS.c.status, _TASKS.c.organization_id, _TASKS.c.cost, _TASKS.c.refunded, _TASKS.c.webhook_url)
+    .where(_TASKS.c.id == bindparam("p_id"))
+    .with_for_update()
+)
+_EVENT_ROW = select(*_PLAIN_COLUMNS, _INPUT_TEXT, cast_(_TASKS.c.result, Text).label("result_json")).where(
+    _TASKS.c.id == bindparam("p_id")
+)
+_WEBHOOK_PENDING = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("p_id"))
+    .values(webhook_status="pending", webhook_attempts=0)
 )
 
 
@@ -286,15 +324,16 @@ def retry_after(drain_rate: float) -> int:
 
 
 def get_task(session: Session, organization_id: str, task_id: str) -> Task:
-    task = session.get(Task, task_id) if isinstance(task_id, str) and len(task_id) <= 40 else None
-    if (
-        task is None
-        or task.organization_id != organization_id
-        or (task.expires_at is not None and task.expires_at <= utcnow())
-    ):
+    task = session.get(Task, task_id) if ids.is_task_id(task_id) else None
+    if task is None or task.organization_id != organization_id or _expired(task):
         # The same answer for another organization's task as for a missing one.
         raise NotFound("No task with this id.")
     return task
+
+
+def _expired(task: Task) -> bool:
+    """Past its retention: gone for every reader, though retention may not have deleted it yet."""
+    return task.expires_at is not None and task.expires_at <= utcnow()
 
 
 def encode_cursor(task_id: str) -> str:
@@ -306,7 +345,7 @@ def decode_cursor(cursor: str) -> str:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise ValidationFailed({"cursor": ["Not a cursor returned by this API."]}) from None
-    if not raw.startswith("task_") or len(raw) > 40:
+    if not ids.is_task_id(raw):
         raise ValidationFailed({"cursor": ["Not a cursor returned by this API."]})
     return raw
 
@@ -355,11 +394,23 @@ class Claim:
     reason: str = ""
     type: str = ""
     lease_expires_at: datetime | None = None  # with "busy": when the other run's lease ends
+    input_json: str | None = None  # with a task: its input as JSON text (``decode_input``)
+
+
+def decode_input(input_json: str | None) -> Any:
+    """A claimed task's input, from the JSON text the claim returned."""
+    return None if input_json is None else json.loads(input_json)
 
 
 def _lock_task(session: Session, task_id: str) -> Task | None:
+    # Input and result are left in the database: a claim or a cancel needs
+    # neither, and one that cannot be decoded must not stop them.
     return session.execute(
-        select(Task).where(Task.id == task_id).with_for_update().execution_options(populate_existing=True)
+        select(Task)
+        .where(Task.id == task_id)
+        .options(defer(Task.input), defer(Task.result))
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one_or_none()
 
 
@@ -394,10 +445,9 @@ def claim(
     conn = session.connection()
     row = conn.execute(_CLAIM_QUEUED, {"p_id": task_id, "p_now": now, "p_lease": lease}).first()
     if row is not None:
-        # Detached: the runner reads it; nothing is written through it.
-        started = Task(**{_TASK_ATTR[column]: value for column, value in row._mapping.items()})
+        started = _detached(row)
         conn.execute(_ORG_STARTED, {"p_org": started.organization_id})
-        return Claim(task=started, attempt=started.attempts)
+        return Claim(task=started, attempt=started.attempts, input_json=row.input_json)
     task = _lock_task(session, task_id)
     if task is None:
         return Claim(task=None, reason="gone")
@@ -432,7 +482,8 @@ def claim(
     task.attempts += 1
     task.started_at = task.started_at or now
     task.lease_expires_at = lease
-    return Claim(task=task, attempt=task.attempts)
+    input_json = conn.execute(_INPUT_OF, {"p_id": task_id}).scalar_one()
+    return Claim(task=task, attempt=task.attempts, input_json=input_json)
 
 
 def renew_lease(session: Session, task_id: str, attempt: int, until: datetime) -> bool:
@@ -494,10 +545,80 @@ def record_result(
             },
         )
     if row.webhook_url:
-        # The whole task, as it is now, for the event's payload.
-        task = session.get(Task, task_id, populate_existing=True)
-        assert task is not None
-        return True, deliveries.create_for_event(session, task, f"task.{status.value}", now=now)
+        return True, _create_event(session, task_id, f"task.{status.value}", now=now)
+    return True, None
+
+
+def _create_event(session: Session, task_id: str, event_type: str, *, now: datetime) -> str:
+    """The event's delivery, with the task as it is now; its webhook status becomes pending."""
+    row = session.connection().execute(_EVENT_ROW, {"p_id": task_id}).one()
+    task = _detached(row)
+    # A stored value that cannot be decoded (a task accepted before the
+    # input limits) is sent as null rather than blocking the event.
+    task.input, task.result = _loads_or_none(row.input_json), _loads_or_none(row.result_json)
+    delivery_id = deliveries.create_for_event(session, task, event_type, now=now)
+    session.connection().execute(_WEBHOOK_PENDING, {"p_id": task_id})
+    return delivery_id
+
+
+def _loads_or_none(text: str | None) -> Any:
+    try:
+        return decode_input(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def fail_task(
+    session: Session,
+    task_id: str,
+    code: str,
+    message: str,
+    *,
+    now: datetime | None = None,
+    retention_days: float = DEFAULT_RETENTION_DAYS,
+) -> tuple[bool, str | None]:
+    """End a queued or running task as ``failed``, whatever state its run is in.
+
+    The last resort of a run that raised where it should not have (claiming,
+    decoding, recording): plain statements that read neither the input nor
+    the result, so the failure is recorded even when those are what broke.
+    Refunds once and moves the counters like any other end; returns
+    (failed now, webhook delivery id to publish).
+    """
+    now = now or utcnow()
+    conn = session.connection()
+    row = conn.execute(_LOCK_PLAIN, {"p_id": task_id}).first()
+    if row is None or TaskStatus(row.status).is_final:
+        return False, None
+    refund_amount = row.cost if row.cost and not row.refunded else 0
+    conn.execute(
+        update(_TASKS)
+        .where(_TASKS.c.id == task_id)
+        .values(
+            status=TaskStatus.FAILED.value,
+            error_code=code,
+            error_message=message[:1000],
+            completed_at=now,
+            expires_at=now + timedelta(days=retention_days),
+            lease_expires_at=None,
+            refunded=bool(row.refunded or refund_amount),
+        )
+    )
+    counters = _ORG_FINISHED_QUEUED if row.status == TaskStatus.QUEUED else _ORG_FINISHED
+    conn.execute(counters, {"p_org": row.organization_id, "p_refund": refund_amount})
+    if refund_amount:
+        conn.execute(
+            _INSERT_LEDGER,
+            {
+                "organization_id": row.organization_id,
+                "task_id": task_id,
+                "kind": "refund",
+                "amount": refund_amount,
+                "created_at": now,
+            },
+        )
+    if row.webhook_url:
+        return True, _create_event(session, task_id, "task.failed", now=now)
     return True, None
 
 
@@ -572,12 +693,17 @@ def delete_expired(session: Session, *, now: datetime | None = None, batch: int 
     for long; the ledger keeps its rows (the balance is their sum).
     """
     now = now or utcnow()
-    ids = list(
+    expired = list(
         session.execute(
             select(Task.id).where(Task.expires_at <= now).order_by(Task.expires_at).limit(batch)
         ).scalars()
     )
-    if not ids:
+    return delete_tasks(session, expired)
+
+
+def delete_tasks(session: Session, task_ids: list[str]) -> int:
+    """Delete tasks with their deliveries and attempts; the ledger keeps its rows."""
+    if not task_ids:
         return 0
     from sqlalchemy import delete
 
@@ -585,7 +711,7 @@ def delete_expired(session: Session, *, now: datetime | None = None, batch: int 
 
     # Explicit rather than ON DELETE CASCADE alone, so SQLite files created
     # without foreign-key enforcement are cleaned the same way.
-    delivery_ids = select(WebhookDelivery.id).where(WebhookDelivery.task_id.in_(ids))
+    delivery_ids = select(WebhookDelivery.id).where(WebhookDelivery.task_id.in_(task_ids))
     session.execute(delete(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(delivery_ids)))
-    session.execute(delete(WebhookDelivery).where(WebhookDelivery.task_id.in_(ids)))
-    return rowcount(session.execute(delete(Task).where(Task.id.in_(ids))))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.task_id.in_(task_ids)))
+    return rowcount(session.execute(delete(Task).where(Task.id.in_(task_ids))))

@@ -66,7 +66,9 @@ def handle(task_input: dict[str, Any], context: TaskContext) -> dict[str, Any]:
     return {
         "status": response.status,
         "headers": headers,
-        "body": response.body.decode("utf-8", errors="replace"),
+        # Text as a JSON result can hold it: invalid UTF-8 and U+0000 (which
+        # PostgreSQL cannot store) become U+FFFD, the replacement character.
+        "body": response.body.decode("utf-8", errors="replace").replace("\x00", "\ufffd"),
         "truncated": response.truncated,
         "elapsedMs": response.elapsed_ms,
     }
