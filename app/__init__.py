@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from app.factory import Waybill, create_app
+from app.container import Waybill
+from app.factory import create_app
 
 __all__ = ["Waybill", "create_app"]

@@ -126,7 +126,7 @@ def _tell_dispatcher(settings: Settings, org_id: str, limit: int) -> None:
     """The dispatcher reads concurrency limits from Redis; SQL stays the record."""
     import redis
 
-    from app.services.dispatch import Dispatcher
+    from app.dispatch import Dispatcher
 
     try:
         client = redis.Redis.from_url(settings.resolved_redis_url(), socket_connect_timeout=2)

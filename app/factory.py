@@ -1,54 +1,14 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import redis
 from flask import Flask
 
+from app.container import Waybill
 from app.db import Database
-from app.services.dispatch import Dispatcher, DispatchSettings, Publisher
+from app.dispatch import Publisher
 from app.services.task_types import Registry
 from app.services.waiting import Waiter
 from config import Settings
-
-
-@dataclass
-class Waybill:
-    """What every request and every task needs, built once per process."""
-
-    settings: Settings
-    db: Database
-    registry: Registry
-    publisher: Publisher
-    redis_client: redis.Redis | None = None
-    _dispatcher: Dispatcher | None = None
-    waiter: Waiter = field(default_factory=lambda: Waiter(8))
-
-    @property
-    def redis(self) -> redis.Redis:
-        if self.redis_client is None:
-            # Short timeouts: a Redis that is down must not hold a request;
-            # what could not reach Redis is recovered by the sweep.
-            self.redis_client = redis.Redis.from_url(
-                self.settings.resolved_redis_url(),
-                socket_connect_timeout=2,
-                socket_timeout=5,
-                health_check_interval=30,
-            )
-        return self.redis_client
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        if self._dispatcher is None:
-            s = self.settings
-            self._dispatcher = Dispatcher(
-                self.redis,
-                DispatchSettings(
-                    queue_target=s.dispatch_queue_target,
-                    release_lease_seconds=s.dispatch_release_lease_seconds,
-                ),
-            )
-        return self._dispatcher
 
 
 def create_app(

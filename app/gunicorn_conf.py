@@ -7,7 +7,7 @@ from typing import Any
 # SIGTERM: stop accepting, let requests in flight (a Prefer: wait holds up to
 # 60 s) finish for up to graceful_timeout, then exit.
 graceful_timeout = 65
-# Requests are logged by the app as JSON lines (app/api/requests.py).
+# Requests are logged by the app as JSON lines (app/api/plumbing.py).
 accesslog = None
 
 

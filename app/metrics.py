@@ -117,7 +117,7 @@ class LiveCollector(Collector):
             labels=["organization"],
         )
         try:
-            with self.waybill.db.session() as s:
+            with self.waybill.db.read_session() as s:
                 top = s.execute(
                     select(Organization.id, Organization.queued, Organization.running)
                     .where((Organization.queued > 0) | (Organization.running > 0))

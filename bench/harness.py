@@ -35,7 +35,7 @@ from app.migrate import upgrade
 from app.models import Organization, Task
 from app.models.base import utcnow
 from app.services import organizations
-from app.services.dispatch import CLIMIT, KNOWN, RING, RING_MEMBERS, waiting_key
+from app.dispatch.keys import CLIMIT, KNOWN, RING, RING_MEMBERS, waiting_key
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

@@ -6,9 +6,9 @@ from flask import Flask
 
 
 def register_api(app: Flask) -> None:
-    from app.api import errors, health, openapi, organization, requests, tasks
+    from app.api import errors, health, openapi, organization, plumbing, tasks
 
-    requests.init_app(app)
+    plumbing.init_app(app)
     errors.init_app(app)
     app.register_blueprint(tasks.bp)
     app.register_blueprint(organization.bp)

@@ -7,7 +7,7 @@ import hmac
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import text
 
-from app.api.requests import Unauthorized, waybill
+from app.api.plumbing import Unauthorized, waybill
 
 bp = Blueprint("health", __name__)
 

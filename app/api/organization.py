@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from app.api.requests import organization_id, read_session, session, waybill
+from app.api.plumbing import organization_id, read_session, waybill
 from app.services import organizations
+from app.usecases import webhook_secret
 
 bp = Blueprint("organization", __name__, url_prefix="/v1")
 
@@ -53,6 +54,4 @@ def get_webhook_secret() -> Response:
 
 @bp.post("/webhook-secret/rotate")
 def rotate_webhook_secret() -> Response:
-    org_id = organization_id()
-    with session() as s:
-        return jsonify({"secret": organizations.rotate_webhook_secret(s, org_id)})
+    return jsonify({"secret": webhook_secret.rotate(waybill(), organization_id())})

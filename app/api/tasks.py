@@ -1,48 +1,57 @@
-"""``/v1/tasks``: submit, poll, list, cancel, and the webhook delivery log."""
+"""``/v1/tasks``: submit, poll, list, cancel, and the webhook delivery log.
+
+Each view parses, calls a use case (or a read), and represents the answer.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import random
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import ValidationError
 
-from app.api.requests import json_body, organization_id, read_session, session, waybill
+from app.api.plumbing import json_body, organization_id, read_session, waybill
 from app.api.schemas import ListTasksQuery, SubmitTaskSchema
-from app.metrics import SUBMISSIONS, TASKS_FINISHED
 from app.models import TaskStatus
-from app.services import deliveries, tasks
-from app.services.dispatch import dispatch_delivery, dispatch_step, dispatch_task
-from app.services.errors import QueueFull, ValidationFailed, messages_to_errors
+from app.services import deliveries, queries
+from app.services.errors import ValidationFailed, messages_to_errors
 from app.services.representation import represent
-from app.services.waiting import notify_final, parse_prefer_wait
+from app.services.submission import SubmitRequest
+from app.services.waiting import parse_prefer_wait
+from app.usecases import cancel, redeliver, submit
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1/tasks")
-log = logging.getLogger("waybill.api")
 
 
-def _task_response(body: dict[str, Any], status: int, **headers: str) -> Response:
+def _answer(body: Any, status: int = 200, **headers: str) -> Response:
     response = jsonify(body)
     response.status_code = status
-    for name, value in headers.items():
-        response.headers[name] = value
+    response.headers.update(headers)
     return response
 
 
 @bp.post("")
 def submit_task() -> Response:
     org_id = organization_id()
-    body = json_body()
+    req = _submit_request(json_body(), request.headers.get("Idempotency-Key"))
+    task, created = submit.submit(waybill(), org_id, req, request_id=g.request_id)
+    headers = {"Location": f"/v1/tasks/{task['taskId']}"}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    wait = parse_prefer_wait(request.headers.get("Prefer"))
+    if wait is not None:
+        task, final, applied = _hold(org_id, task, wait)
+        headers.update(applied)
+        created = created and not final
+    return _answer(task, 202 if created else 200, **headers)
+
+
+def _submit_request(body: dict[str, Any], header_key: str | None) -> SubmitRequest:
+    """The body as a submission; the ``Idempotency-Key`` header is the field's alias."""
     try:
         data = SubmitTaskSchema().load(body)
     except ValidationError as exc:
         raise ValidationFailed(messages_to_errors(exc.messages)) from None
-    header_key = request.headers.get("Idempotency-Key")
     key = data["idempotencyKey"]
     if header_key is not None:
         if key is not None and key != header_key:
@@ -57,101 +66,48 @@ def submit_task() -> Response:
                 {"Idempotency-Key": messages_to_errors(exc.messages)["idempotencyKey"]}
             ) from None
         key = header_key
-    wb = waybill()
-    webhook_url = data["webhook"]["url"] if data["webhook"] else None
-    if webhook_url is not None:
-        from app.services import outbound
-
-        try:
-            outbound.check_url(webhook_url, allow_private=wb.settings.webhook_allow_private)
-        except outbound.UnsafeTarget as exc:
-            raise ValidationFailed(
-                {"webhook.url": [str(exc)]}, f"The webhook URL is refused: {exc}."
-            ) from None
-    req = tasks.SubmitRequest(
+    return SubmitRequest(
         type=data["type"],
         input=data["input"],
-        webhook_url=webhook_url,
+        webhook_url=data["webhook"]["url"] if data["webhook"] else None,
         idempotency_key=key,
         metadata=data["metadata"],
     )
-    try:
-        with session() as s:
-            submitted = tasks.submit(s, org_id, req, registry=wb.registry, request_id=g.request_id)
-            representation = represent(submitted.task)
-    except QueueFull as exc:
-        with contextlib.suppress(redis.RedisError, RuntimeError):  # Redis away: the default estimate
-            exc.set_retry_after(tasks.retry_after(wb.dispatcher.drain_rate(org_id)))
-        raise
-    location = f"/v1/tasks/{submitted.task.id}"
-    wait = parse_prefer_wait(request.headers.get("Prefer"))
-    if not submitted.created:
-        SUBMISSIONS.labels("replayed").inc()
-        log.info(
-            "idempotent replay",
-            extra={"event": "task.replayed", "task_id": submitted.task.id, "organization_id": org_id},
-        )
-        headers = {"Idempotent-Replayed": "true", "Location": location}
-        if wait is not None:
-            representation, _, applied = _hold(org_id, submitted.task.id, wait, representation)
-            headers.update(applied)
-        return _task_response(representation, 200, **headers)
-    SUBMISSIONS.labels("accepted").inc()
-    if wb.settings.fault_crash_after_commit and random.random() < wb.settings.fault_crash_after_commit:
-        os._exit(70)  # chaos suite only: die between the SQL commit and dispatch
-    dispatch_task(wb.dispatcher, wb.publisher, submitted.task.id, org_id, submitted.concurrency_limit)
-    log.info(
-        "task accepted",
-        extra={
-            "event": "task.accepted",
-            "task_id": submitted.task.id,
-            "organization_id": org_id,
-            "type": req.type,
-        },
-    )
-    headers = {"Location": location}
-    status = 202
-    if wait is not None:
-        representation, final, applied = _hold(org_id, submitted.task.id, wait, representation)
-        headers.update(applied)
-        status = 200 if final else 202
-    return _task_response(representation, status, **headers)
 
 
-def _hold(
-    org_id: str, task_id: str, seconds: int, current: dict[str, Any]
-) -> tuple[dict[str, Any], bool, dict[str, str]]:
-    """Wait up to ``seconds`` for the task to be final: (representation, final, headers)."""
+def _hold(org_id: str, current: dict[str, Any], seconds: int) -> tuple[dict[str, Any], bool, dict[str, str]]:
+    """``Prefer: wait``: up to ``seconds`` for the task to be final: (task, final, headers)."""
+    applied = {"Preference-Applied": f"wait={seconds}"}
     if TaskStatus(current["status"]).is_final:
-        return current, True, {"Preference-Applied": f"wait={seconds}"}
+        return current, True, applied
     wb = waybill()
     latest = {"task": current}
 
     def is_final() -> bool:
         with read_session() as s:
-            latest["task"] = represent(tasks.get_task(s, org_id, task_id))
+            latest["task"] = represent(queries.get_task(s, org_id, current["taskId"]))
         return TaskStatus(latest["task"]["status"]).is_final
 
     try:
         redis_client = wb.redis
     except RuntimeError:
         return current, False, {}
-    waited = wb.waiter.wait(redis_client, task_id, seconds, is_final)
+    waited = wb.waiter.wait(redis_client, current["taskId"], seconds, is_final)
     if waited is None:
         return current, False, {}  # every waiting slot of this process is taken
-    return latest["task"], waited, {"Preference-Applied": f"wait={seconds}"}
+    return latest["task"], waited, applied
 
 
 @bp.get("/<task_id>")
 def get_task(task_id: str) -> Response:
     org_id = organization_id()
     with read_session() as s:
-        representation = represent(tasks.get_task(s, org_id, task_id))
+        task = represent(queries.get_task(s, org_id, task_id))
     wait = parse_prefer_wait(request.headers.get("Prefer"))
     if wait is None:
-        return jsonify(representation)
-    representation, _, headers = _hold(org_id, task_id, wait, representation)
-    return _task_response(representation, 200, **headers)
+        return _answer(task)
+    task, _, headers = _hold(org_id, task, wait)
+    return _answer(task, 200, **headers)
 
 
 @bp.get("")
@@ -162,7 +118,7 @@ def list_tasks() -> Response:
     except ValidationError as exc:
         raise ValidationFailed(messages_to_errors(exc.messages)) from None
     with read_session() as s:
-        rows, next_cursor = tasks.list_tasks(
+        rows, next_cursor = queries.list_tasks(
             s,
             org_id,
             status=query.get("status"),
@@ -171,55 +127,22 @@ def list_tasks() -> Response:
             limit=query["limit"],
             cursor=query.get("cursor"),
         )
-        return jsonify({"data": [represent(t) for t in rows], "nextCursor": next_cursor})
+        return _answer({"data": [represent(t) for t in rows], "nextCursor": next_cursor})
 
 
 @bp.post("/<task_id>/cancel")
 def cancel_task(task_id: str) -> Response:
-    org_id = organization_id()
-    wb = waybill()
-    with session() as s:
-        task, delivery_id, was_running = tasks.cancel(
-            s, org_id, task_id, retention_days=wb.settings.result_retention_days
-        )
-        representation = represent(task)
-    # Out of its waiting list, or its slot freed; if Redis is away the
-    # claim refuses the canceled task and the lease expires by itself.
-    with contextlib.suppress(redis.RedisError):
-        wb.dispatcher.release(task_id, org_id)
-    if was_running:
-        try:
-            wb.publisher.revoke(task_id)
-        except Exception:  # best effort: its result is discarded anyway
-            log.warning("revoke failed", extra={"event": "task.revoke_failed", "task_id": task_id})
-    TASKS_FINISHED.labels(task.type, "canceled").inc()
-    dispatch_delivery(wb.publisher, delivery_id)
-    with contextlib.suppress(RuntimeError):  # no Redis configured at all
-        notify_final(wb.redis, task_id, "canceled")
-    dispatch_step(wb.dispatcher, wb.publisher)
-    log.info("task canceled", extra={"event": "task.canceled", "task_id": task_id, "organization_id": org_id})
-    return jsonify(representation)
+    return _answer(cancel.cancel(waybill(), organization_id(), task_id))
 
 
 @bp.get("/<task_id>/deliveries")
 def list_deliveries(task_id: str) -> Response:
     org_id = organization_id()
     with read_session() as s:
-        tasks.get_task(s, org_id, task_id)
-        return jsonify({"data": deliveries.list_for_task(s, task_id)})
+        queries.get_task(s, org_id, task_id)
+        return _answer({"data": deliveries.list_for_task(s, task_id)})
 
 
 @bp.post("/<task_id>/deliveries")
-def redeliver(task_id: str) -> Response:
-    org_id = organization_id()
-    wb = waybill()
-    with session() as s:
-        task = tasks.get_task(s, org_id, task_id)
-        ids = deliveries.redeliver(s, task)
-    for delivery_id in ids:
-        dispatch_delivery(wb.publisher, delivery_id)
-    with session() as s:
-        body = {"data": deliveries.list_for_task(s, task_id)}
-    response = jsonify(body)
-    response.status_code = 202
-    return response
+def redeliver_task(task_id: str) -> Response:
+    return _answer({"data": redeliver.redeliver(waybill(), organization_id(), task_id)}, 202)

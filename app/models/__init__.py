@@ -4,20 +4,24 @@ from app.models.base import Base
 from app.models.entities import (
     ApiKey,
     CreditEntry,
+    DeliveryStatus,
     Organization,
     Task,
     TaskStatus,
     WebhookAttempt,
     WebhookDelivery,
+    WebhookStatus,
 )
 
 __all__ = [
     "ApiKey",
     "Base",
     "CreditEntry",
+    "DeliveryStatus",
     "Organization",
     "Task",
     "TaskStatus",
     "WebhookAttempt",
     "WebhookDelivery",
+    "WebhookStatus",
 ]

@@ -34,6 +34,23 @@ class TaskStatus(enum.StrEnum):
 FINAL_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED})
 
 
+class DeliveryStatus(enum.StrEnum):
+    """A webhook delivery (one event): sent until delivered, or failed after its attempts."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookStatus(enum.StrEnum):
+    """A task's webhook summary: its latest delivery's status, or none before any event."""
+
+    NONE = "none"
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
 class Organization(Base):
     __tablename__ = "organizations"
 

@@ -16,7 +16,7 @@ Beat triggers it every ``SWEEP_INTERVAL_SECONDS``. It finds, from SQL alone:
 Enqueueing or publishing twice is harmless: enqueue skips a task that already
 waits or is leased, and claims are conditional, so a duplicate message finds
 nothing to do. A Redis that lost its data is rebuilt from SQL
-(:func:`app.services.dispatch.rebuild`).
+(:func:`app.usecases.recovery.rebuild`).
 """
 
 from __future__ import annotations

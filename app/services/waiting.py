@@ -1,6 +1,7 @@
 """``Prefer: wait=N``: hold a response until a task is final, woken by Redis pub/sub.
 
-A worker that records a final status publishes on ``waybill:done:{task_id}``;
+A worker that records a final status publishes on the task's channel
+(:data:`app.dispatch.keys.DONE_CHANNEL`, through ``Dispatch.finish`` or ``notify``);
 a waiting request subscribes before it reads the task (so no wake-up can slip
 between the read and the wait), then sleeps on the subscription, not on the
 database. Each web process lets at most ``limit`` requests wait at once; the
@@ -18,8 +19,10 @@ from collections.abc import Callable
 
 import redis
 
+from app.dispatch import keys
+
 MAX_WAIT_SECONDS = 60
-CHANNEL = "waybill:done:"
+CHANNEL = keys.DONE_CHANNEL
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*\"?(\d{1,6})\"?", re.IGNORECASE)
 
 
@@ -31,11 +34,6 @@ def parse_prefer_wait(header: str | None) -> int | None:
     if match is None:
         return None
     return min(int(match.group(1)), MAX_WAIT_SECONDS)
-
-
-def notify_final(client: redis.Redis, task_id: str, status: str) -> None:
-    with contextlib.suppress(redis.RedisError):
-        client.publish(CHANNEL + task_id, status)
 
 
 class Waiter:

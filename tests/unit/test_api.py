@@ -9,6 +9,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from app.db import Database
+from app.dispatch import keys
 from tests.conftest import Org, RecordingPublisher, make_org
 
 
@@ -258,7 +259,7 @@ def test_full_queue_is_429_with_retry_after(client: FlaskClient, db: Database) -
     assert client.get("/v1/organization", headers=small.headers).get_json()["credits"] == 998
     # The estimate follows the drain rate that dispatch records in Redis.
     dispatcher = client.application.extensions["waybill"].dispatcher
-    dispatcher.redis.hset("waybill:drain", small.id, f"0.26:{int(time.time() * 1000)}")
+    dispatcher.redis.hset(keys.DRAIN, small.id, f"0.26:{int(time.time() * 1000)}")
     r = submit(client, small, {"type": "echo"})
     assert r.headers["Retry-After"] == "4"
     assert "Retry after 4 seconds" in assert_problem(r, 429)["detail"]
@@ -320,7 +321,7 @@ def test_hostile_webhook_urls_are_refused_at_submission(client: FlaskClient, org
 def test_failed_authentications_are_limited_per_address(
     client: FlaskClient, org: Org, app, monkeypatch
 ) -> None:
-    import app.api.requests as requests_module
+    import app.api.plumbing as requests_module
 
     # One fixed instant: the counting window cannot roll over mid-test.
     monkeypatch.setattr(requests_module.time, "time", lambda: 1_800_000_030.0)

@@ -12,25 +12,26 @@ from standardwebhooks.webhooks import Webhook
 from app.db import Database
 from app.models import Task, WebhookDelivery
 from app.models.base import utcnow
-from app.services import deliveries, organizations, runner, tasks
+from app.services import deliveries, organizations, submission
 from app.services.deliveries import AttemptOutcome
 from app.services.errors import NothingToDeliver
 from app.services.task_types import Registry
+from app.usecases import run
 from tests.conftest import Org
 
-RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
+RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
 REG = Registry.from_entry_points()
 
 
 def _finished_with_webhook(db: Database, org: Org) -> tuple[str, str]:
     with db.session() as s:
-        task_id = tasks.submit(
+        task_id = submission.submit(
             s,
             org.id,
-            tasks.SubmitRequest(type="echo", input={"v": 1}, webhook_url="https://hooks.example/x"),
+            submission.SubmitRequest(type="echo", input={"v": 1}, webhook_url="https://hooks.example/x"),
             registry=REG,
         ).task.id
-    outcome = runner.execute(db, REG, RUN, task_id)
+    outcome = run.execute(db, REG, RUN, task_id)
     assert outcome.delivery_id is not None
     return task_id, outcome.delivery_id
 
@@ -152,8 +153,8 @@ def test_concurrent_copies_claim_an_attempt_once(db: Database, org: Org) -> None
 
 def test_redeliver_before_any_event_is_409(db: Database, org: Org) -> None:
     with db.session() as s:
-        task = tasks.submit(
-            s, org.id, tasks.SubmitRequest(type="echo", webhook_url="https://h.example/"), registry=REG
+        task = submission.submit(
+            s, org.id, submission.SubmitRequest(type="echo", webhook_url="https://h.example/"), registry=REG
         ).task
     with db.session() as s, pytest.raises(NothingToDeliver):
         t = s.get(Task, task.id)
@@ -195,10 +196,10 @@ def test_a_name_rebound_to_loopback_at_delivery_is_refused_without_a_connection(
 
     outbound.check_url(url, allow_private=False)  # accepted at submission
     with db.session() as s:
-        task_id = tasks.submit(
-            s, org.id, tasks.SubmitRequest(type="echo", webhook_url=url), registry=REG
+        task_id = submission.submit(
+            s, org.id, submission.SubmitRequest(type="echo", webhook_url=url), registry=REG
         ).task.id
-    delivery_id = runner.execute(db, REG, RUN, task_id).delivery_id
+    delivery_id = run.execute(db, REG, RUN, task_id).delivery_id
     assert delivery_id is not None
     answer["ip"] = "127.0.0.1"  # the attacker's DNS now answers loopback
     with db.session() as s:

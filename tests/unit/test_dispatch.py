@@ -9,11 +9,14 @@ import fakeredis
 import pytest
 
 from app.db import Database
+from app.dispatch import Dispatch, Dispatcher, DispatchSettings, keys
+from app.dispatch.state import DRAIN_TAU_SECONDS
 from app.models import Task
 from app.models.base import utcnow
-from app.services import dispatch, sweep, tasks
-from app.services.dispatch import CELERY_TASKS_QUEUE, Dispatcher, DispatchSettings
+from app.queues import TASKS_QUEUE
+from app.services import submission, sweep
 from app.services.task_types import Registry
+from app.usecases import recovery
 from tests.conftest import Org, RecordingPublisher, make_org
 
 
@@ -43,10 +46,10 @@ def test_a_newcomer_waits_one_turn_not_the_backlog(r: fakeredis.FakeRedis) -> No
     for i in range(1000):
         d.enqueue("A", f"a{i}", 100)
     assert d.step() == ["a0", "a1"]
-    r.rpush(CELERY_TASKS_QUEUE, "m1", "m2")  # the two messages wait in Celery's queue
+    r.rpush(TASKS_QUEUE, "m1", "m2")  # the two messages wait in Celery's queue
     d.enqueue("B", "b0", 100)
     assert d.step() == []  # the Celery queue is at its target: nothing more is released
-    r.lpop(CELERY_TASKS_QUEUE, 2)  # the workers took both
+    r.lpop(TASKS_QUEUE, 2)  # the workers took both
     assert d.step() == ["a2", "b0"]  # one turn of the ring, not A's 997 waiting tasks
 
 
@@ -83,7 +86,7 @@ def test_enqueue_is_idempotent_and_release_removes_a_waiting_task(r: fakeredis.F
     d.enqueue("A", "a2", 5)
     d.release("a2", "A")  # canceled while waiting
     assert d.step() == []
-    assert r.llen(dispatch.RING) == 0
+    assert r.llen(keys.RING) == 0
 
 
 def test_rebuild_restores_waiting_tasks_from_sql(db: Database, org: Org, r: fakeredis.FakeRedis) -> None:
@@ -92,57 +95,59 @@ def test_rebuild_restores_waiting_tasks_from_sql(db: Database, org: Org, r: fake
     ids = []
     for who in (org, other, org):
         with db.session() as s:
-            ids.append(tasks.submit(s, who.id, tasks.SubmitRequest(type="echo"), registry=registry).task.id)
+            ids.append(
+                submission.submit(s, who.id, submission.SubmitRequest(type="echo"), registry=registry).task.id
+            )
     d = make(r)
     assert not d.has_epoch()
-    assert dispatch.rebuild(db, d) == 3
+    assert recovery.rebuild(db, d) == 3
     assert d.has_epoch()
     assert sorted(d.step()) == sorted(ids)
 
 
-def test_dispatch_task_enqueues_steps_and_publishes_and_the_sweep_confirms_it(
+def test_enqueue_steps_and_publishes_and_the_sweep_confirms_it(
     db: Database, org: Org, r: fakeredis.FakeRedis, publisher: RecordingPublisher
 ) -> None:
     d = make(r)
     registry = Registry.from_entry_points()
     with db.session() as s:
-        first = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=registry)
-        second = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=registry)
-    assert dispatch.dispatch_task(d, publisher, first.task.id, org.id, first.concurrency_limit)
+        first = submission.submit(s, org.id, submission.SubmitRequest(type="echo"), registry=registry)
+        second = submission.submit(s, org.id, submission.SubmitRequest(type="echo"), registry=registry)
+    assert Dispatch(lambda: d, publisher).enqueue(first.task.id, org.id, first.concurrency_limit)
     assert publisher.tasks == [first.task.id]
     # The second only waits in Redis: the tasks queue has no room for it.
-    r.rpush(CELERY_TASKS_QUEUE, *[f"filler-{i}" for i in range(d.settings.queue_target)])
-    assert dispatch.dispatch_task(d, publisher, second.task.id, org.id, second.concurrency_limit)
+    r.rpush(TASKS_QUEUE, *[f"filler-{i}" for i in range(d.settings.queue_target)])
+    assert Dispatch(lambda: d, publisher).enqueue(second.task.id, org.id, second.concurrency_limit)
     assert publisher.tasks == [first.task.id]
     with db.session() as s:
         assert s.get(Task, first.task.id).dispatched_at is None  # type: ignore[union-attr]
     # The sweep's confirmation: both are in Redis (leased, waiting), none is
     # added again, both are marked and not looked at again.
-    assert dispatch.enqueue_from_sql(db, d, [first.task.id, second.task.id]) == 0
+    assert recovery.enqueue_from_sql(db, d, [first.task.id, second.task.id]) == 0
     with db.session() as s:
         assert s.get(Task, first.task.id).dispatched_at is not None  # type: ignore[union-attr]
         assert s.get(Task, second.task.id).dispatched_at is not None  # type: ignore[union-attr]
         assert sweep.unconfirmed(s, grace_seconds=0, now=utcnow() + timedelta(seconds=1)) == []
     assert d.step() == []
-    r.delete(CELERY_TASKS_QUEUE)
+    r.delete(TASKS_QUEUE)
     assert d.step() == [second.task.id]
 
 
-def test_dispatch_task_with_redis_down_leaves_it_to_the_sweep(
+def test_enqueue_with_redis_down_leaves_it_to_the_sweep(
     db: Database, org: Org, publisher: RecordingPublisher
 ) -> None:
     server = fakeredis.FakeServer()
     server.connected = False
     d = make(fakeredis.FakeRedis(server=server))
     with db.session() as s:
-        submitted = tasks.submit(
-            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
+        submitted = submission.submit(
+            s, org.id, submission.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
         )
-    assert not dispatch.dispatch_task(d, publisher, submitted.task.id, org.id, 10)
+    assert not Dispatch(lambda: d, publisher).enqueue(submitted.task.id, org.id, 10)
     with db.session() as s:
         assert s.get(Task, submitted.task.id).dispatched_at is None  # type: ignore[union-attr]
     server.connected = True
-    assert dispatch.enqueue_from_sql(db, d, [submitted.task.id]) == 1
+    assert recovery.enqueue_from_sql(db, d, [submitted.task.id]) == 1
     assert d.step() == [submitted.task.id]
 
 
@@ -151,15 +156,15 @@ def test_an_orphaned_run_comes_back_even_when_redis_holds_a_stale_lease(
 ) -> None:
     d = make(r, lease=3600)
     with db.session() as s:
-        submitted = tasks.submit(
-            s, org.id, tasks.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
+        submitted = submission.submit(
+            s, org.id, submission.SubmitRequest(type="echo"), registry=Registry.from_entry_points()
         )
     task_id = submitted.task.id
     d.enqueue(org.id, task_id, 10)
     assert d.step() == [task_id]  # released with an hour-long lease, then its worker dies
     assert not d.enqueue(org.id, task_id, 10)  # a plain enqueue respects the lease
     assert d.step() == []
-    assert dispatch.enqueue_from_sql(db, d, [task_id], drop_leases=True) == 1
+    assert recovery.enqueue_from_sql(db, d, [task_id], drop_leases=True) == 1
     assert d.step() == [task_id]
 
 
@@ -170,13 +175,13 @@ def test_the_drain_rate_counts_releases_and_decays(r: fakeredis.FakeRedis) -> No
     assert d.drain_rate("A", now=1000.0) == 0.0
     assert len(d.step(now=1000.0)) == 30
     # 30 releases at once: 30 / tau, then halving every tau * ln 2.
-    assert d.drain_rate("A", now=1000.0) == pytest.approx(30 / dispatch.DRAIN_TAU_SECONDS, rel=1e-6)
-    later = 1000.0 + dispatch.DRAIN_TAU_SECONDS * 0.6931471805599453
-    assert d.drain_rate("A", now=later) == pytest.approx(15 / dispatch.DRAIN_TAU_SECONDS, rel=1e-6)
+    assert d.drain_rate("A", now=1000.0) == pytest.approx(30 / DRAIN_TAU_SECONDS, rel=1e-6)
+    later = 1000.0 + DRAIN_TAU_SECONDS * 0.6931471805599453
+    assert d.drain_rate("A", now=later) == pytest.approx(15 / DRAIN_TAU_SECONDS, rel=1e-6)
     assert d.drain_rate("B", now=1000.0) == 0.0
-    assert tasks.retry_after(d.drain_rate("A", now=1000.0)) == 2  # a place every 2 s
-    assert tasks.retry_after(0.0) == 60  # nothing drained lately: a minute
-    assert tasks.retry_after(1000.0) == 1
+    assert submission.retry_after(d.drain_rate("A", now=1000.0)) == 2  # a place every 2 s
+    assert submission.retry_after(0.0) == 60  # nothing drained lately: a minute
+    assert submission.retry_after(1000.0) == 1
 
 
 def test_finish_and_step_frees_the_slot_notifies_and_refills_in_one_go(r: fakeredis.FakeRedis) -> None:
@@ -185,9 +190,9 @@ def test_finish_and_step_frees_the_slot_notifies_and_refills_in_one_go(r: fakere
         d.enqueue("A", f"a{i}", 1)
     assert d.step() == ["a0"]  # concurrency limit 1
     listener = r.pubsub(ignore_subscribe_messages=True)
-    listener.subscribe("waybill:done:a0")
+    listener.subscribe(keys.DONE_CHANNEL + "a0")
     listener.get_message(timeout=1)
-    assert d.finish_and_step("a0", notify=("waybill:done:a0", "succeeded")) == ["a1"]
+    assert d.finish_and_step("a0", notify=(keys.DONE_CHANNEL + "a0", "succeeded")) == ["a1"]
     assert listener.get_message(timeout=1)["data"] == b"succeeded"
     assert d.running("A") == 1
     r.script_flush()  # a restarted Redis forgets its scripts
@@ -201,10 +206,10 @@ def test_enqueue_and_step_is_enqueue_then_step(r: fakeredis.FakeRedis) -> None:
     assert d.enqueue_and_step("A", "a0", 5) == ["a0"]
     assert d.enqueue_and_step("A", "a0", 5) == []  # leased already: not enqueued twice
     assert d.enqueue_and_step("B", "b0", 5) == ["b0"]
-    r.rpush(CELERY_TASKS_QUEUE, "m1", "m2")  # the Celery queue is at its target
+    r.rpush(TASKS_QUEUE, "m1", "m2")  # the Celery queue is at its target
     r.script_flush()
     assert d.enqueue_and_step("A", "a1", 5) == []
-    assert r.lrange("waybill:waiting:A", 0, -1) == [b"a1"]
+    assert r.lrange(keys.waiting_key("A"), 0, -1) == [b"a1"]
 
 
 def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.FakeRedis) -> None:
@@ -218,4 +223,4 @@ def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.Fa
     # returned for publishing, none is left leased without a message.
     leased += d.finish_and_step("a0")
     assert leased == ["a0", "a1", "a2", "a3", "a4"]
-    assert sorted(m.decode() for m in r.zrange("waybill:leases", 0, -1)) == ["a1", "a2", "a3", "a4"]
+    assert sorted(m.decode() for m in r.zrange(keys.LEASES, 0, -1)) == ["a1", "a2", "a3", "a4"]

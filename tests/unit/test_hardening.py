@@ -23,15 +23,17 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text, update
 
 from app.db import Database
+from app.dispatch import keys
 from app.models import CreditEntry, Organization, Task, WebhookAttempt, WebhookDelivery
 from app.models.base import utcnow
-from app.services import deliveries, json_limits, outbound, runner, tasks
+from app.services import deliveries, json_limits, lifecycle, outbound, submission
 from app.services.task_types import Registry, TaskContext, TaskType
+from app.usecases import run
 from tests.conftest import Org
 from tests.unit.test_api import assert_problem
 
 REGISTRY = Registry.from_entry_points()
-RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
+RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
 
 
 def nested(depth: int) -> Any:
@@ -44,7 +46,7 @@ def nested(depth: int) -> Any:
 def submit(db: Database, org: Org, registry: Registry = REGISTRY, **kw: Any) -> str:
     kw.setdefault("type", "echo")
     with db.session() as s:
-        return tasks.submit(s, org.id, tasks.SubmitRequest(**kw), registry=registry).task.id
+        return submission.submit(s, org.id, submission.SubmitRequest(**kw), registry=registry).task.id
 
 
 def task_row(db: Database, task_id: str) -> Any:
@@ -207,7 +209,7 @@ def test_the_key_of_an_expired_task_makes_a_new_task(client: FlaskClient, org: O
 def test_the_limiter_counts_the_client_behind_trusted_proxies(
     app: Flask, db: Database, org: Org, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import app.api.requests as requests_module
+    import app.api.plumbing as requests_module
     from app import create_app
 
     monkeypatch.setattr(requests_module.time, "time", lambda: 1_800_000_090.0)
@@ -374,7 +376,7 @@ def test_a_webhook_url_with_a_non_ascii_path_is_delivered_percent_encoded(
 ) -> None:
     url = f"http://127.0.0.1:{receiver.server_address[1]}/café/ü?q=é"
     task_id = submit(db, org, webhook_url=url)
-    delivery_id = runner.execute(db, REGISTRY, RUN, task_id).delivery_id
+    delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
     with db.session() as s:
         plan = deliveries.claim_attempt(s, delivery_id, hold_seconds=30)
@@ -388,7 +390,7 @@ def test_any_exception_of_an_attempt_is_a_recorded_failed_attempt(
     db: Database, org: Org, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     task_id = submit(db, org, webhook_url="https://hooks.example/x")
-    delivery_id = runner.execute(db, REGISTRY, RUN, task_id).delivery_id
+    delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
 
     def explode(*_a: Any, **_k: Any) -> Any:
@@ -416,7 +418,7 @@ def test_a_delivery_whose_claim_keeps_raising_fails_after_its_attempts(
     from workers import tasks as worker_tasks
 
     task_id = submit(db, org, webhook_url="https://hooks.example/x")
-    delivery_id = runner.execute(db, REGISTRY, RUN, task_id).delivery_id
+    delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
 
     def broken(*_a: Any, **_k: Any) -> Any:
@@ -428,9 +430,9 @@ def test_a_delivery_whose_claim_keeps_raising_fails_after_its_attempts(
         settings=SimpleNamespace(
             webhook_timeout_seconds=1.0, webhook_allow_private=False, webhook_retry_base_seconds=1.0
         ),
-        publisher=SimpleNamespace(deliver_webhook=lambda d, c=None: published.append((d, c))),
+        dispatch=SimpleNamespace(deliver=lambda d, c=None: published.append((d, c))),
     )
-    monkeypatch.setattr(worker_tasks, "_waybill", lambda: wb)
+    monkeypatch.setattr(worker_tasks, "current", lambda: wb)
     monkeypatch.setattr(deliveries, "claim_attempt", broken)
     for _ in range(5):
         with db.session() as s:  # each retry is due now
@@ -462,9 +464,9 @@ def test_a_claim_that_raises_fails_the_task_and_refunds(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr(tasks, "claim", broken)
-    outcome = runner.execute(db, REGISTRY, RUN, task_id)
-    assert outcome.recorded and outcome.status == "failed" and outcome.release
+    monkeypatch.setattr(lifecycle, "claim", broken)
+    outcome = run.execute(db, REGISTRY, RUN, task_id)
+    assert outcome.recorded and outcome.status == "failed"
     assert outcome.delivery_id is not None  # the task.failed event is sent like any other
     _assert_failed_and_refunded(db, org, task_id, "claim_failed")
 
@@ -479,8 +481,8 @@ def test_a_record_that_raises_fails_the_task_and_refunds(
     def broken(*_a: Any, **_k: Any) -> Any:
         raise DataError("INSERT", {}, ValueError("unsupported Unicode escape sequence"))
 
-    monkeypatch.setattr(tasks, "record_result", broken)
-    outcome = runner.execute(db, REGISTRY, RUN, task_id)
+    monkeypatch.setattr(lifecycle, "record_result", broken)
+    outcome = run.execute(db, REGISTRY, RUN, task_id)
     assert outcome.recorded and outcome.status == "failed"
     _assert_failed_and_refunded(db, org, task_id, "result_not_storable")
 
@@ -495,9 +497,9 @@ def test_a_database_that_is_away_is_still_retried_not_failed(
     def away(*_a: Any, **_k: Any) -> Any:
         raise OperationalError("SELECT", {}, ConnectionError("server closed the connection"))
 
-    monkeypatch.setattr(tasks, "claim", away)
+    monkeypatch.setattr(lifecycle, "claim", away)
     with pytest.raises(OperationalError):
-        runner.execute(db, REGISTRY, RUN, task_id)
+        run.execute(db, REGISTRY, RUN, task_id)
     assert task_row(db, task_id).status == "queued"
 
 
@@ -513,7 +515,7 @@ def _deep_result(_input: Any, _ctx: TaskContext) -> Any:
 def test_a_result_no_database_can_store_fails_the_task_cleanly(db: Database, org: Org, handler: Any) -> None:
     registry = Registry([*REGISTRY, TaskType(name="bad_result", cost=1, description="x", handler=handler)])
     task_id = submit(db, org, registry=registry, type="bad_result")
-    outcome = runner.execute(db, registry, RUN, task_id)
+    outcome = run.execute(db, registry, RUN, task_id)
     assert outcome.recorded and outcome.status == "failed"
     _assert_failed_and_refunded(db, org, task_id, "result_invalid")
 
@@ -528,7 +530,7 @@ def test_http_fetch_returns_a_body_with_nul_as_storable_text(
 
     monkeypatch.setattr(outbound, "request", fake)
     task_id = submit(db, org, type="http.fetch", input={"url": "https://example.com/"})
-    outcome = runner.execute(db, REGISTRY, RUN, task_id)
+    outcome = run.execute(db, REGISTRY, RUN, task_id)
     assert outcome.recorded and outcome.status == "succeeded"
     with db.session() as s:
         task = s.get(Task, task_id)
@@ -547,7 +549,7 @@ def test_a_stored_input_that_cannot_be_decoded_fails_the_task(db: Database, org:
             )
         else:
             s.execute(text("UPDATE tasks SET input = :v WHERE id = :id"), {"v": deep, "id": task_id})
-    outcome = runner.execute(db, REGISTRY, RUN, task_id)
+    outcome = run.execute(db, REGISTRY, RUN, task_id)
     assert outcome.recorded and outcome.status == "failed" and outcome.delivery_id is not None
     _assert_failed_and_refunded(db, org, task_id, "input_unreadable")
     with db.session() as s:
@@ -557,7 +559,7 @@ def test_a_stored_input_that_cannot_be_decoded_fails_the_task(db: Database, org:
 
 def test_redelivering_a_task_without_a_webhook_says_so(client: FlaskClient, org: Org, db: Database) -> None:
     task_id = submit(db, org)
-    runner.execute(db, REGISTRY, RUN, task_id)
+    run.execute(db, REGISTRY, RUN, task_id)
     body = assert_problem(client.post(f"/v1/tasks/{task_id}/deliveries", headers=org.headers), 409)
     assert "without a webhook" in body["detail"]
 
@@ -580,10 +582,10 @@ def test_a_redis_rolled_back_to_an_older_snapshot_loses_no_confirmed_task(
     from workers import tasks as worker_tasks
 
     wb = app.extensions["waybill"]
-    monkeypatch.setattr(worker_tasks, "_waybill", lambda: wb)
+    monkeypatch.setattr(worker_tasks, "current", lambda: wb)
     worker_tasks.sweep_task.run()  # an empty Redis: rebuilt, and its epoch set
     snapshot = {key: fake_redis.dump(key) for key in fake_redis.keys("*")}
-    assert b"waybill:epoch" in snapshot
+    assert keys.EPOCH.encode() in snapshot
 
     # Submitted (and so released by dispatch) after the snapshot was taken.
     task_id = client.post("/v1/tasks", json={"type": "echo"}, headers=org.headers).get_json()["taskId"]
@@ -611,7 +613,7 @@ def test_a_redis_rolled_back_to_an_older_snapshot_loses_no_confirmed_task(
 def test_the_verification_walk_is_bounded_and_resumes_where_it_stopped(
     app: Flask, db: Database, org: Org, fake_redis: Any
 ) -> None:
-    from app.services.dispatch import verify_queued
+    from app.usecases.recovery import verify_queued
 
     ids = [submit(db, org) for _ in range(7)]
     with db.session() as s:

@@ -10,24 +10,25 @@ from sqlalchemy import func, select
 from app.db import Database
 from app.models import CreditEntry, Task, WebhookAttempt, WebhookDelivery
 from app.models.base import utcnow
-from app.services import deliveries, runner, tasks
+from app.services import deliveries, retention, submission
 from app.services.deliveries import AttemptOutcome
 from app.services.task_types import Registry
+from app.usecases import run
 from tests.conftest import Org
 
 REG = Registry.from_entry_points()
-RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False, retention_days=30)
+RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False, retention_days=30)
 
 
 def _finished(db: Database, org: Org, webhook: bool = False) -> str:
     with db.session() as s:
-        task_id = tasks.submit(
+        task_id = submission.submit(
             s,
             org.id,
-            tasks.SubmitRequest(type="echo", webhook_url="https://h.example/" if webhook else None),
+            submission.SubmitRequest(type="echo", webhook_url="https://h.example/" if webhook else None),
             registry=REG,
         ).task.id
-    outcome = runner.execute(db, REG, RUN, task_id)
+    outcome = run.execute(db, REG, RUN, task_id)
     if outcome.delivery_id:
         with db.session() as s:
             plan = deliveries.claim_attempt(s, outcome.delivery_id, hold_seconds=30)
@@ -65,7 +66,7 @@ def test_retention_deletes_exactly_the_expired_rows(db: Database, org: Org) -> N
     old = [_finished(db, org, webhook=True) for _ in range(3)]
     fresh = [_finished(db, org, webhook=True) for _ in range(2)]
     with db.session() as s:
-        waiting = tasks.submit(s, org.id, tasks.SubmitRequest(type="echo"), registry=REG).task.id
+        waiting = submission.submit(s, org.id, submission.SubmitRequest(type="echo"), registry=REG).task.id
     with db.session() as s:
         for task_id in old:
             t = s.get(Task, task_id)
@@ -76,7 +77,7 @@ def test_retention_deletes_exactly_the_expired_rows(db: Database, org: Org) -> N
     deleted = 0
     while True:
         with db.session() as s:
-            n = tasks.delete_expired(s, batch=2)
+            n = retention.delete_expired(s, batch=2)
         if not n:
             break
         deleted += n

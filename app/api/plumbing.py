@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flask import Flask, current_app, g, request
+from flask import Flask, g, request
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, UnsupportedMediaType
 
-from app.factory import Waybill
+from app.container import current as waybill
+from app.dispatch import keys
 from app.logs import request_id_var
 from app.services import json_limits, organizations
 from app.services.errors import NotFound, ServiceError, ValidationFailed
@@ -33,17 +34,6 @@ class Unauthorized(ServiceError):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.headers["WWW-Authenticate"] = 'Bearer realm="waybill"'
-
-
-def waybill() -> Waybill:
-    wb: Waybill = current_app.extensions["waybill"]
-    return wb
-
-
-@contextmanager
-def session() -> Iterator[Session]:
-    with waybill().db.session() as s:
-        yield s
 
 
 @contextmanager
@@ -123,7 +113,7 @@ def client_address() -> str:
 
 
 def _auth_failure_key(address: str, minute: int) -> str:
-    return f"waybill:authfail:{address}:{minute}"
+    return f"{keys.AUTH_FAILURES}{address}:{minute}"
 
 
 # Addresses this process has seen go over the limit, until the end of that
@@ -274,4 +264,4 @@ def _drain(stream: Any, declared: int) -> None:
         request.environ["waybill.close_connection"] = True
 
 
-__all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "read_session", "session", "waybill"]
+__all__ = ["BadRequest", "Unauthorized", "json_body", "organization_id", "read_session", "waybill"]

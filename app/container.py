@@ -1,0 +1,67 @@
+"""What every request and every task needs, built once per process, and its one accessor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import redis
+from flask import current_app
+
+from app.db import Database
+from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher
+from app.services.task_types import Registry
+from app.services.waiting import Waiter
+from config import Settings
+
+
+@dataclass
+class Waybill:
+    settings: Settings
+    db: Database
+    registry: Registry
+    publisher: Publisher
+    redis_client: redis.Redis | None = None
+    _dispatcher: Dispatcher | None = None
+    _dispatch: Dispatch | None = None
+    waiter: Waiter = field(default_factory=lambda: Waiter(8))
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The dispatch Redis, connected on first use; RuntimeError when none is configured."""
+        if self.redis_client is None:
+            # Short timeouts: a Redis that is down must not hold a request;
+            # what could not reach Redis is recovered by the sweep.
+            self.redis_client = redis.Redis.from_url(
+                self.settings.resolved_redis_url(),
+                socket_connect_timeout=2,
+                socket_timeout=5,
+                health_check_interval=30,
+            )
+        return self.redis_client
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        """The Redis side of dispatch (recovery and tests use it directly)."""
+        if self._dispatcher is None:
+            s = self.settings
+            self._dispatcher = Dispatcher(
+                self.redis,
+                DispatchSettings(
+                    queue_target=s.dispatch_queue_target,
+                    release_lease_seconds=s.dispatch_release_lease_seconds,
+                ),
+            )
+        return self._dispatcher
+
+    @property
+    def dispatch(self) -> Dispatch:
+        """The seam every use case hands work on through."""
+        if self._dispatch is None:
+            self._dispatch = Dispatch(lambda: self.dispatcher, self.publisher)
+        return self._dispatch
+
+
+def current() -> Waybill:
+    """The running app's container, from a request or a Celery task (both run in an app context)."""
+    wb: Waybill = current_app.extensions["waybill"]
+    return wb

@@ -1,0 +1,225 @@
+"""Run one task: claim it, run its handler under a renewed lease, record the outcome once.
+
+Whatever raises on the way -- claiming, decoding the input, the handler,
+checking or recording the result -- ends the task as a recorded failure
+(``failed`` with a code, credits refunded, the slot freed): never an exception
+that leaves it claimed or queued for the lease to bring back. Only a database
+that is away (:func:`app.db.is_transient`) propagates: the Celery task retries
+the message until it is back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from app import metrics
+from app.db import Database, is_transient
+from app.dispatch import Dispatch
+from app.models.base import utcnow
+from app.services import json_limits, lifecycle
+from app.services.leases import leases
+from app.services.lifecycle import ClaimReason
+from app.services.task_types import Registry, TaskContext, TaskError
+from app.usecases.unit_of_work import UnitOfWork
+from config import Settings
+
+log = logging.getLogger("waybill.runner")
+
+MAX_RESULT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    lease_seconds: float
+    max_attempts: int
+    allow_private_targets: bool
+    retention_days: float = 30.0
+
+
+def settings_of(settings: Settings) -> RunSettings:
+    return RunSettings(
+        lease_seconds=settings.task_lease_seconds,
+        max_attempts=settings.task_max_attempts,
+        allow_private_targets=settings.fetch_allow_private,
+        retention_days=settings.result_retention_days,
+    )
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    ran: bool
+    recorded: bool
+    delivery_id: str | None = None
+    status: str | None = None
+
+
+def execute(
+    db: Database,
+    registry: Registry,
+    settings: RunSettings,
+    task_id: str,
+    dispatch: Dispatch | None = None,
+) -> RunOutcome:
+    """Run the task once if it is ours to run; ``dispatch`` (None in tests) gets the effects."""
+    try:
+        with UnitOfWork(db) as uow:
+            claim = lifecycle.claim(
+                uow.session,
+                task_id,
+                lease_seconds=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                retention_days=settings.retention_days,
+            )
+            if dispatch is not None and claim.task is None:
+                _after_no_run(uow, dispatch, task_id, claim)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return _fail(
+            db, settings, task_id, "claim_failed", "Waybill could not start this task", exc, dispatch
+        )
+    task = claim.task
+    if task is None:
+        if claim.reason == ClaimReason.LOST:
+            metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
+        lost = claim.reason == ClaimReason.LOST
+        return RunOutcome(
+            ran=False, recorded=lost, delivery_id=claim.delivery_id, status="failed" if lost else None
+        )
+    context = TaskContext(
+        task_id=task.id,
+        organization_id=task.organization_id,
+        attempt=claim.attempt,
+        allow_private_targets=settings.allow_private_targets,
+    )
+    log.info(
+        "task started",
+        extra={
+            "event": "task.started",
+            "task_id": task_id,
+            "attempt": claim.attempt,
+            "type": task.type,
+            "request_id": task.request_id,
+        },
+    )
+    run_started = time.monotonic()
+    with leases.hold(db, dispatch, task_id, claim.attempt, settings.lease_seconds):
+        result, error = _run_handler(registry, task.type, claim.input_json, context)
+    try:
+        with UnitOfWork(db) as uow:
+            recorded, delivery_id = lifecycle.record_result(
+                uow.session,
+                task_id,
+                claim.attempt,
+                result=result,
+                error=error,
+                retention_days=settings.retention_days,
+            )
+            status = "failed" if error else "succeeded"
+            if dispatch is not None:
+                uow.after_commit(dispatch.deliver, delivery_id)
+                uow.after_commit(dispatch.finish, task_id, status if recorded else None)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return _fail(
+            db, settings, task_id, "result_not_storable", "The outcome could not be recorded", exc, dispatch
+        )
+    metrics.TASK_RUN_SECONDS.labels(task.type).observe(time.monotonic() - run_started)
+    if recorded:
+        metrics.TASKS_FINISHED.labels(task.type, status).inc()
+        metrics.TASK_LATENCY_SECONDS.labels(task.type).observe((utcnow() - task.created_at).total_seconds())
+    log.info(
+        "task finished" if recorded else "task outcome discarded",
+        extra={
+            "event": "task.finished" if recorded else "task.discarded",
+            "task_id": task_id,
+            "attempt": claim.attempt,
+            "status": status,
+            "request_id": task.request_id,
+        },
+    )
+    return RunOutcome(ran=True, recorded=recorded, delivery_id=delivery_id, status=status)
+
+
+def _after_no_run(uow: UnitOfWork, dispatch: Dispatch, task_id: str, claim: lifecycle.Claim) -> None:
+    """The effects of a claim that gave nothing to run."""
+    if claim.reason == ClaimReason.BUSY:
+        # A duplicate release of a task another run holds: its slot is not
+        # ours to free; let its dispatch lease end with that run's lease, so
+        # a dead run's task comes back as soon as its SQL lease says so.
+        assert claim.lease_expires_at is not None
+        left = (claim.lease_expires_at - utcnow()).total_seconds()
+        uow.after_commit(dispatch.renew, task_id, max(1.0, left + 1.0))
+        uow.after_commit(dispatch.step)
+        return
+    uow.after_commit(dispatch.deliver, claim.delivery_id)
+    uow.after_commit(dispatch.finish, task_id, "failed" if claim.reason == ClaimReason.LOST else None)
+
+
+def _run_handler(
+    registry: Registry, type_name: str, input_json: str | None, context: TaskContext
+) -> tuple[Any, tuple[str, str] | None]:
+    """(result, None) or (None, (code, message)); never raises."""
+    try:
+        task_input = lifecycle.decode_input(input_json)
+    except (ValueError, RecursionError) as exc:
+        return None, ("input_unreadable", f"The stored input cannot be decoded: {type(exc).__name__}")
+    task_type = registry.get(type_name)
+    if task_type is None:
+        return None, ("unknown_type", f"No handler is installed for task type {type_name!r}.")
+    try:
+        result = task_type.handler(task_input, context)
+    except TaskError as exc:
+        return None, (exc.code, exc.message)
+    except Exception as exc:
+        return None, ("handler_error", f"{type(exc).__name__}: {exc}"[:1000])
+    error = _check_result(result)
+    return (None, error) if error is not None else (result, None)
+
+
+def _fail(
+    db: Database,
+    settings: RunSettings,
+    task_id: str,
+    code: str,
+    what: str,
+    exc: Exception,
+    dispatch: Dispatch | None,
+) -> RunOutcome:
+    """Record the task as failed after an unexpected error, and free its slot."""
+    log.exception(
+        "task run raised; recorded as failed",
+        extra={"event": "task.run_error", "task_id": task_id, "error": type(exc).__name__},
+    )
+    message = f"{what}: {type(exc).__name__}: {exc}"[:1000]
+    with UnitOfWork(db) as uow:
+        ended = lifecycle.fail_task(
+            uow.session, task_id, code, message, retention_days=settings.retention_days
+        )
+        if dispatch is not None:
+            uow.after_commit(dispatch.deliver, ended.delivery_id)
+            uow.after_commit(dispatch.finish, task_id, "failed" if ended.done else None)
+    if ended.done:
+        metrics.TASKS_FINISHED.labels(ended.type, "failed").inc()
+    return RunOutcome(
+        ran=False, recorded=ended.done, delivery_id=ended.delivery_id, status="failed" if ended.done else None
+    )
+
+
+def _check_result(result: Any) -> tuple[str, str] | None:
+    found = json_limits.violation(result, max_depth=json_limits.MAX_RESULT_DEPTH, path="result")
+    if found is not None:
+        where, reason = found
+        return ("result_invalid", f"The handler's result cannot be stored: {where} {reason}."[:1000])
+    try:
+        size = len(json.dumps(result))
+    except (TypeError, ValueError) as exc:
+        return ("result_not_json", f"The handler's result is not JSON: {exc}"[:1000])
+    if size > MAX_RESULT_BYTES:
+        return ("result_too_large", "The handler's result is larger than 4 MiB.")
+    return None
