@@ -30,12 +30,12 @@ from sqlalchemy import create_engine, insert, text, update
 
 from app import ids
 from app.db import Database
+from app.dispatch.keys import CLIMIT, KNOWN, RING, RING_MEMBERS, waiting_key
 from app.embedded_redis import EmbeddedRedis, free_port
 from app.migrate import upgrade
 from app.models import Organization, Task
 from app.models.base import utcnow
 from app.services import organizations
-from app.dispatch.keys import CLIMIT, KNOWN, RING, RING_MEMBERS, waiting_key
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
