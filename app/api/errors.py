@@ -41,10 +41,6 @@ def problem(
     return response
 
 
-def validation_problem(errors: dict[str, list[str]], detail: str = "The request is not valid.") -> Response:
-    return problem(400, "The request is not valid", detail, "validation-error", errors=errors)
-
-
 def from_service_error(exc: ServiceError) -> Response:
     extra = {k: v for k, v in exc.extra.items() if k != "errors"}
     return problem(

@@ -22,21 +22,19 @@ from sqlalchemy import Table, bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app import ids
-from app.models import Organization, Task, WebhookAttempt, WebhookDelivery
+from app.models import DeliveryStatus, Organization, Task, WebhookAttempt, WebhookDelivery, WebhookStatus
 from app.models.base import utcnow
 from app.services.errors import NothingToDeliver
 from app.services.representation import iso, represent
 
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"
+PENDING, DELIVERED, FAILED = DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED
 RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
 
 
 def create_for_event(session: Session, task: Task, event_type: str, *, now: datetime) -> str:
     """Record the event's delivery (``pending``, due now); returns its webhook id."""
     assert task.webhook_url
-    task.webhook_status = PENDING
+    task.webhook_status = WebhookStatus.PENDING
     task.webhook_attempts = 0
     payload = {"type": event_type, "timestamp": iso(now), "data": represent(task)}
     delivery = WebhookDelivery(
@@ -281,7 +279,7 @@ def redeliver(session: Session, task: Task, *, now: datetime | None = None) -> l
         delivery.max_attempts = delivery.attempts + 1
         delivery.next_attempt_at = now
         delivery.claimed_until = None
-    task.webhook_status = PENDING
+    task.webhook_status = WebhookStatus.PENDING
     return [d.id for d in rows]
 
 

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.models import Organization, Task, TaskStatus, WebhookDelivery
+from app.models import DeliveryStatus, Organization, Task, TaskStatus, WebhookDelivery
 from app.models.base import utcnow
 
 BATCH = 500
@@ -59,7 +59,7 @@ def plan(
     overdue = (
         select(WebhookDelivery.id)
         .where(
-            WebhookDelivery.status == "pending",
+            WebhookDelivery.status == DeliveryStatus.PENDING,
             WebhookDelivery.next_attempt_at < grace,
             or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now),
         )

@@ -134,9 +134,6 @@ class Registry:
     def get(self, name: str) -> TaskType | None:
         return self._types.get(name)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._types
-
     def __iter__(self) -> Any:
         return iter(sorted(self._types.values(), key=lambda t: t.name))
 

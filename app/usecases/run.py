@@ -19,6 +19,7 @@ from typing import Any
 from app import metrics
 from app.db import Database, is_transient
 from app.dispatch import Dispatch
+from app.models import TaskStatus
 from app.models.base import utcnow
 from app.services import json_limits, lifecycle
 from app.services.leases import leases
@@ -85,10 +86,13 @@ def execute(
     task = claim.task
     if task is None:
         if claim.reason == ClaimReason.LOST:
-            metrics.TASKS_FINISHED.labels(claim.type, "failed").inc()
+            metrics.TASKS_FINISHED.labels(claim.type, TaskStatus.FAILED).inc()
         lost = claim.reason == ClaimReason.LOST
         return RunOutcome(
-            ran=False, recorded=lost, delivery_id=claim.delivery_id, status="failed" if lost else None
+            ran=False,
+            recorded=lost,
+            delivery_id=claim.delivery_id,
+            status=TaskStatus.FAILED if lost else None,
         )
     context = TaskContext(
         task_id=task.id,
@@ -119,7 +123,7 @@ def execute(
                 error=error,
                 retention_days=settings.retention_days,
             )
-            status = "failed" if error else "succeeded"
+            status = TaskStatus.FAILED if error else TaskStatus.SUCCEEDED
             if dispatch is not None:
                 uow.after_commit(dispatch.deliver, delivery_id)
                 uow.after_commit(dispatch.finish, task_id, status if recorded else None)
@@ -158,7 +162,9 @@ def _after_no_run(uow: UnitOfWork, dispatch: Dispatch, task_id: str, claim: life
         uow.after_commit(dispatch.step)
         return
     uow.after_commit(dispatch.deliver, claim.delivery_id)
-    uow.after_commit(dispatch.finish, task_id, "failed" if claim.reason == ClaimReason.LOST else None)
+    uow.after_commit(
+        dispatch.finish, task_id, TaskStatus.FAILED if claim.reason == ClaimReason.LOST else None
+    )
 
 
 def _run_handler(
@@ -203,11 +209,14 @@ def _fail(
         )
         if dispatch is not None:
             uow.after_commit(dispatch.deliver, ended.delivery_id)
-            uow.after_commit(dispatch.finish, task_id, "failed" if ended.done else None)
+            uow.after_commit(dispatch.finish, task_id, TaskStatus.FAILED if ended.done else None)
     if ended.done:
-        metrics.TASKS_FINISHED.labels(ended.type, "failed").inc()
+        metrics.TASKS_FINISHED.labels(ended.type, TaskStatus.FAILED).inc()
     return RunOutcome(
-        ran=False, recorded=ended.done, delivery_id=ended.delivery_id, status="failed" if ended.done else None
+        ran=False,
+        recorded=ended.done,
+        delivery_id=ended.delivery_id,
+        status=TaskStatus.FAILED if ended.done else None,
     )
 
 
