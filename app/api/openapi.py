@@ -1,37 +1,84 @@
-"""The OpenAPI 3 document, generated from the marshmallow schemas the API uses."""
+"""The OpenAPI 3 document, generated from the marshmallow schemas the API uses
+and from the task-type registry, and the ``/docs`` page that renders it.
+
+The document stays on OpenAPI 3.0.3: the pinned Swagger UI that ``/docs``
+serves (the ``swagger-ui-bundle`` package, Swagger UI 4.x) renders 3.0 only.
+"""
 
 from __future__ import annotations
 
+import copy
+import html
+import json
+import re
 from functools import cache
 from typing import Any
 
 from apispec import APISpec
-from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Blueprint, Response, jsonify
-from marshmallow import Schema
+from apispec.ext.marshmallow import MarshmallowPlugin, OpenAPIConverter
+from flask import Blueprint, Response, abort, jsonify, send_from_directory, url_for
+from marshmallow import Schema, fields
+from swagger_ui_bundle import swagger_ui_path
 
 from app.api import schemas
+from app.services.task_types import Registry, TaskType
 
 bp = Blueprint("openapi", __name__)
 
-PROBLEM = {"application/problem+json": {"schema": "Problem"}}
+# The only value of a null-only schema. OpenAPI 3.0.3 makes ``nullable``
+# meaningful only beside a ``type`` in the same schema object, so null is
+# spelled as a typed, nullable schema whose one allowed value is null. (A bare
+# ``{"allOf": [{"$ref": ...}], "nullable": true}`` does *not* admit null under
+# 3.0.3's rules, and openapi-core's validator rejects ``"webhook": null`` there.)
+NULL: dict[str, Any] = {"type": "object", "nullable": True, "enum": [None]}
+
+
+class _Converter(OpenAPIConverter):
+    def field2nullable(self, field: fields.Field, ret: dict[str, Any]) -> dict[str, Any]:
+        """A nullable Nested field: its schema's reference, or null; nothing else.
+
+        apispec renders it as ``anyOf: [{"type": "object", "nullable": true}, ref]``
+        whose first branch accepts any object, so generated clients got an
+        untyped dict and ``{"webhook": {"foo": 1}}`` validated.
+        """
+        if field.allow_none and self.openapi_version.major == 3 and self.openapi_version.minor == 0:
+            if "$ref" in ret:
+                return {"anyOf": [{"$ref": ret.pop("$ref")}, NULL]}
+            if "allOf" in ret:
+                return {"anyOf": [*ret.pop("allOf"), NULL]}
+        attributes: dict[str, Any] = super().field2nullable(field, ret)
+        return attributes
+
+
+class _Plugin(MarshmallowPlugin):
+    Converter = _Converter
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _problem(description: str, **headers: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": description, "content": PROBLEM}
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
     if headers:
         out["headers"] = headers
     return out
 
 
-def _json(schema: str | dict[str, Any], description: str, **headers: Any) -> dict[str, Any]:
+def _json(schema: dict[str, Any], description: str, **headers: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         out["headers"] = headers
     return out
 
 
-AUTH_ERRORS = {"401": _problem("Missing, unknown or revoked API key")}
+RETRY_AFTER = {"required": True, "schema": {"type": "integer", "minimum": 0}, "description": "seconds"}
+WWW_AUTHENTICATE = {"required": True, "schema": {"type": "string"}, "description": 'Bearer realm="waybill"'}
+LOCATION = {"required": True, "schema": {"type": "string"}, "description": "/v1/tasks/{taskId}"}
+PREFERENCE_APPLIED = {"schema": {"type": "string"}, "description": "wait=N when the wait was applied"}
 NOT_FOUND = {"404": _problem("No such task for this organization")}
 TASK_ID = {"name": "taskId", "in": "path", "required": True, "schema": {"type": "string"}}
 PREFER = {
@@ -41,23 +88,102 @@ PREFER = {
     "schema": {"type": "string", "example": "wait=10"},
     "description": "wait=N (N <= 60): hold the response until the task is final or N seconds pass.",
 }
-PREFERENCE_APPLIED = {"schema": {"type": "string"}, "description": "wait=N when the wait was applied"}
-LOCATION = {"schema": {"type": "string"}, "description": "/v1/tasks/{taskId}"}
+NUL_IN_QUERY = "a query string value contains U+0000 (the problem's `errors` names the parameter)"
+AUTH_LIMITED = "too many failed authentications from this address (unauthenticated requests only)"
+
+
+def _v1(
+    operation: dict[str, Any], bad_request: str | None = None, too_many: str | None = None
+) -> dict[str, Any]:
+    """A ``/v1`` operation: bearer-authenticated, and every one may answer 400, 401 and 429.
+
+    400: a query string value holding U+0000 is refused before any route
+    runs; 429: the failed-authentication limiter answers for any route.
+    """
+    reasons_400 = f"{bad_request}, or {NUL_IN_QUERY}" if bad_request else NUL_IN_QUERY.capitalize()
+    reasons_429 = f"{too_many}, or {AUTH_LIMITED}" if too_many else AUTH_LIMITED.capitalize()
+    responses = {
+        **operation.pop("responses"),
+        "400": _problem(reasons_400),
+        "401": _problem("Missing, unknown or revoked API key", **{"WWW-Authenticate": WWW_AUTHENTICATE}),
+        "429": _problem(reasons_429, **{"Retry-After": RETRY_AFTER}),
+    }
+    return {**operation, "security": [{"bearer": []}], "responses": dict(sorted(responses.items()))}
+
+
+def _pascal(name: str) -> str:
+    """``http.fetch`` -> ``HttpFetch``: a component name from a task-type name."""
+    return "".join(p[:1].upper() + p[1:] for p in re.split(r"[^0-9A-Za-z]+", name) if p) or "Task"
+
+
+def _plain(prop: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema without the body-only ``default: null``/``nullable`` of a load default."""
+    return {k: v for k, v in prop.items() if k not in ("default", "nullable")}
+
+
+def _submission_variants(spec: APISpec, converter: OpenAPIConverter, registry: Registry) -> dict[str, Any]:
+    """``SubmitTask`` as one variant per task type, told apart by ``type``.
+
+    Each variant is the whole ``SubmitTaskSchema`` (flattened rather than
+    ``allOf``-composed: its ``additionalProperties: false`` would refuse the
+    other half) with ``type`` fixed and ``input`` that type's own schema.
+    """
+    base = converter.schema2jsonschema(schemas.SubmitTaskSchema)
+    types: list[TaskType] = list(registry)
+    if not types:
+        return dict(base)
+    mapping: dict[str, str] = {}
+    taken: set[str] = set()
+    for task_type in types:
+        stem = _pascal(task_type.name)
+        while stem in taken:  # two type names that differ only in punctuation
+            stem += "_"
+        taken.add(stem)
+        variant = copy.deepcopy(base)
+        variant["properties"]["type"] = {
+            "type": "string",
+            "enum": [task_type.name],
+            "description": f"{task_type.description} Cost: {task_type.cost} credit(s).",
+        }
+        input_schema = task_type.json_schema()
+        if task_type.input_schema is None:
+            variant["properties"]["input"] = {"nullable": True, "description": "Any JSON value."}
+        else:
+            spec.components.schema(f"{stem}Input", component=input_schema)
+            if input_schema.get("required"):
+                # Omitted or null, the input is validated as {} and refused.
+                variant["properties"]["input"] = _ref(f"{stem}Input")
+                variant["required"] = [*variant.get("required", []), "input"]
+            else:
+                variant["properties"]["input"] = {"anyOf": [_ref(f"{stem}Input"), NULL]}
+        name = f"Submit{stem}Task"
+        spec.components.schema(name, component=variant)
+        mapping[task_type.name] = _ref(name)["$ref"]
+    return {
+        "description": "A task submission; `type` selects the variant and so the schema of `input`.",
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "type", "mapping": mapping},
+    }
 
 
 @cache
 def build_spec() -> dict[str, Any]:
+    plugin = _Plugin()
     spec = APISpec(
         title="Waybill",
         version="1.0.0",
         openapi_version="3.0.3",
-        plugins=[MarshmallowPlugin()],
+        plugins=[plugin],
         info={"description": "Async requests: submit a task, poll it or receive it on a signed webhook."},
         servers=[{"url": "/"}],
     )
+    assert plugin.converter is not None
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme(
+        "metricsToken",
+        {"type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when the operator sets one"},
+    )
     components: tuple[tuple[str, type[Schema]], ...] = (
-        ("SubmitTask", schemas.SubmitTaskSchema),
         ("Task", schemas.TaskSchema),
         ("TaskList", schemas.TaskListSchema),
         ("Problem", schemas.ProblemSchema),
@@ -69,165 +195,158 @@ def build_spec() -> dict[str, Any]:
     )
     for name, component in components:
         spec.components.schema(name, schema=component)
-    secured: list[dict[str, list[str]]] = [{"bearer": []}]
+    # The entry points' types: the registry create_app builds by default.
+    spec.components.schema(
+        "SubmitTask", component=_submission_variants(spec, plugin.converter, Registry.from_entry_points())
+    )
+    key_field = schemas.SubmitTaskSchema().fields["idempotencyKey"]
     spec.path(
         path="/v1/tasks",
         operations={
-            "post": {
-                "summary": "Submit a task",
-                "operationId": "submitTask",
-                "security": secured,
-                "parameters": [
-                    PREFER,
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
-                ],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": "SubmitTask"}}},
-                "responses": {
-                    "202": _json("Task", "Accepted: the task, queued", Location=LOCATION),
-                    "200": _json(
-                        "Task",
-                        "An idempotent replay (Idempotent-Replayed: true), or finished within Prefer: wait",
-                        **{
-                            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
-                            "Location": LOCATION,
-                            "Preference-Applied": PREFERENCE_APPLIED,
+            "post": _v1(
+                {
+                    "summary": "Submit a task",
+                    "operationId": "submitTask",
+                    "parameters": [
+                        PREFER,
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": False,
+                            "schema": _plain(plugin.converter.field2property(key_field)),
+                            "description": "An alias of the body's idempotencyKey; both and different: 400.",
                         },
-                    ),
-                    "400": _problem("Invalid body, unknown type, bad input or bad URL"),
-                    **AUTH_ERRORS,
-                    "402": _problem("Not enough credits for the task"),
-                    "413": _problem("Body over the size limit"),
-                    "415": _problem("Not JSON"),
-                    "422": _problem("The idempotency key was used with a different request"),
-                    "429": _problem(
-                        "The organization's queue is full",
-                        **{"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
-                    ),
-                },
-            },
-            "get": {
-                "summary": "List tasks, newest first",
-                "operationId": "listTasks",
-                "security": secured,
-                "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {
-                            "type": "string",
-                            "enum": ["queued", "running", "succeeded", "failed", "canceled"],
-                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": "SubmitTask"}},
                     },
-                    {"name": "type", "in": "query", "schema": {"type": "string"}},
-                    {"name": "idempotencyKey", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "responses": {
+                        "202": _json(_ref("Task"), "Accepted: the task, queued", Location=LOCATION),
+                        "200": _json(
+                            _ref("Task"),
+                            "An idempotent replay (Idempotent-Replayed: true), "
+                            "or finished within Prefer: wait",
+                            **{
+                                "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+                                "Location": LOCATION,
+                                "Preference-Applied": PREFERENCE_APPLIED,
+                            },
+                        ),
+                        "402": _problem("Not enough credits for the task (`balance` and `cost`)"),
+                        "413": _problem("Body over the size limit"),
+                        "415": _problem("Not JSON"),
+                        "422": _problem("The idempotency key was used with a different request"),
                     },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                ],
-                "responses": {
-                    "200": _json("TaskList", "A page of tasks"),
-                    "400": _problem("Bad query"),
-                    **AUTH_ERRORS,
                 },
-            },
+                bad_request="Invalid body, unknown type, bad input or bad URL (`errors` names the fields)",
+                too_many="The organization's queue is full (`queued` and `queueLimit`)",
+            ),
+            "get": _v1(
+                {
+                    "summary": "List tasks, newest first",
+                    "operationId": "listTasks",
+                    # Expanded by apispec into one query parameter per field,
+                    # with the constraints the route enforces.
+                    "parameters": [{"in": "query", "schema": schemas.ListTasksQuery}],
+                    "responses": {"200": _json(_ref("TaskList"), "A page of tasks")},
+                },
+                bad_request="A query parameter is unknown or out of range",
+            ),
         },
     )
     spec.path(
         path="/v1/tasks/{taskId}",
         operations={
-            "get": {
-                "summary": "Poll a task",
-                "operationId": "getTask",
-                "security": secured,
-                "parameters": [TASK_ID, PREFER],
-                "responses": {
-                    "200": _json("Task", "The task", **{"Preference-Applied": PREFERENCE_APPLIED}),
-                    **AUTH_ERRORS,
-                    **NOT_FOUND,
-                },
-            }
+            "get": _v1(
+                {
+                    "summary": "Poll a task",
+                    "operationId": "getTask",
+                    "parameters": [TASK_ID, PREFER],
+                    "responses": {
+                        "200": _json(_ref("Task"), "The task", **{"Preference-Applied": PREFERENCE_APPLIED}),
+                        **NOT_FOUND,
+                    },
+                }
+            )
         },
     )
     spec.path(
         path="/v1/tasks/{taskId}/cancel",
         operations={
-            "post": {
-                "summary": "Cancel a queued or running task",
-                "operationId": "cancelTask",
-                "security": secured,
-                "parameters": [TASK_ID],
-                "responses": {
-                    "200": _json("Task", "The task, now canceled"),
-                    **AUTH_ERRORS,
-                    **NOT_FOUND,
-                    "409": _problem("The task is already succeeded, failed or canceled"),
-                },
-            }
+            "post": _v1(
+                {
+                    "summary": "Cancel a queued or running task",
+                    "operationId": "cancelTask",
+                    "parameters": [TASK_ID],
+                    "responses": {
+                        "200": _json(_ref("Task"), "The task, now canceled"),
+                        **NOT_FOUND,
+                        "409": _problem("The task is already succeeded, failed or canceled"),
+                    },
+                }
+            )
         },
     )
     spec.path(
         path="/v1/tasks/{taskId}/deliveries",
         operations={
-            "get": {
-                "summary": "Every webhook event of the task with every attempt",
-                "operationId": "listDeliveries",
-                "security": secured,
-                "parameters": [TASK_ID],
-                "responses": {"200": _json("DeliveryList", "The deliveries"), **AUTH_ERRORS, **NOT_FOUND},
-            },
-            "post": {
-                "summary": "Deliver the task's events again now, with the same webhook-id",
-                "operationId": "redeliver",
-                "security": secured,
-                "parameters": [TASK_ID],
-                "responses": {
-                    "202": _json("DeliveryList", "Redelivery scheduled"),
-                    **AUTH_ERRORS,
-                    **NOT_FOUND,
-                    "409": _problem("The task has no webhook event yet"),
-                },
-            },
+            "get": _v1(
+                {
+                    "summary": "Every webhook event of the task with every attempt",
+                    "operationId": "listDeliveries",
+                    "parameters": [TASK_ID],
+                    "responses": {"200": _json(_ref("DeliveryList"), "The deliveries"), **NOT_FOUND},
+                }
+            ),
+            "post": _v1(
+                {
+                    "summary": "Deliver the task's events again now, with the same webhook-id",
+                    "operationId": "redeliver",
+                    "parameters": [TASK_ID],
+                    "responses": {
+                        "202": _json(_ref("DeliveryList"), "Redelivery scheduled"),
+                        **NOT_FOUND,
+                        "409": _problem("The task has no webhook event yet"),
+                    },
+                }
+            ),
         },
     )
-    simple: tuple[tuple[str, str, str, str | dict[str, Any]], ...] = (
-        ("/v1/organization", "getOrganization", "The organization, its credits and limits", "Organization"),
+    simple: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+        (
+            "/v1/organization",
+            "getOrganization",
+            "The organization, its credits and limits",
+            _ref("Organization"),
+        ),
         (
             "/v1/task-types",
             "listTaskTypes",
             "The registered task types",
-            {"type": "array", "items": {"$ref": "#/components/schemas/TaskType"}},
+            {"type": "array", "items": _ref("TaskType")},
         ),
-        ("/v1/webhook-secret", "getWebhookSecret", "The webhook signing secret", "WebhookSecret"),
+        ("/v1/webhook-secret", "getWebhookSecret", "The webhook signing secret", _ref("WebhookSecret")),
     )
     for path, op_id, summary, schema in simple:
         spec.path(
             path=path,
             operations={
-                "get": {
-                    "summary": summary,
-                    "operationId": op_id,
-                    "security": secured,
-                    "responses": {"200": _json(schema, summary), **AUTH_ERRORS},
-                }
+                "get": _v1(
+                    {"summary": summary, "operationId": op_id, "responses": {"200": _json(schema, summary)}}
+                )
             },
         )
     spec.path(
         path="/v1/webhook-secret/rotate",
         operations={
-            "post": {
-                "summary": "Rotate the signing secret (the old one also signs for 24 h)",
-                "operationId": "rotateWebhookSecret",
-                "security": secured,
-                "responses": {"200": _json("WebhookSecret", "The new secret"), **AUTH_ERRORS},
-            }
+            "post": _v1(
+                {
+                    "summary": "Rotate the signing secret (the old one also signs for 24 h)",
+                    "operationId": "rotateWebhookSecret",
+                    "responses": {"200": _json(_ref("WebhookSecret"), "The new secret")},
+                }
+            )
         },
     )
     spec.path(
@@ -236,7 +355,7 @@ def build_spec() -> dict[str, Any]:
             "get": {
                 "summary": "Process up",
                 "operationId": "healthz",
-                "responses": {"200": _json("Health", "Up")},
+                "responses": {"200": _json(_ref("Health"), "Up")},
             }
         },
     )
@@ -246,7 +365,10 @@ def build_spec() -> dict[str, Any]:
             "get": {
                 "summary": "Database and broker reachable",
                 "operationId": "readyz",
-                "responses": {"200": _json("Health", "Ready"), "503": _json("Health", "Not ready")},
+                "responses": {
+                    "200": _json(_ref("Health"), "Ready"),
+                    "503": _json(_ref("Health"), "Not ready"),
+                },
             }
         },
     )
@@ -256,11 +378,16 @@ def build_spec() -> dict[str, Any]:
             "get": {
                 "summary": "Prometheus metrics",
                 "operationId": "metrics",
+                # {}: no credentials needed unless the operator sets METRICS_TOKEN.
+                "security": [{}, {"metricsToken": []}],
                 "responses": {
                     "200": {
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
+                    },
+                    "401": _problem(
+                        "METRICS_TOKEN is set and the request lacks `Authorization: Bearer <token>`"
+                    ),
                 },
             }
         },
@@ -273,15 +400,58 @@ def openapi_json() -> Response:
     return jsonify(build_spec())
 
 
+# Swagger UI's own files, from the pinned swagger-ui-bundle package: /docs
+# works offline and shows the same UI whatever a CDN's "latest" becomes.
+DOCS_ASSETS = frozenset(
+    {
+        "swagger-ui.css",
+        "swagger-ui.css.map",
+        "swagger-ui-bundle.js",
+        "swagger-ui-bundle.js.map",
+        "favicon-16x16.png",
+        "favicon-32x32.png",
+    }
+)
+
 DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Waybill API</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script>
-<noscript>The API document is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+<html lang="en"><head><meta charset="utf-8"><title>Waybill API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="{css}">
+<link rel="icon" type="image/png" href="{icon}" sizes="32x32">
+</head>
+<body><div id="swagger-ui"></div>
+<noscript>The API document is at <a href="{spec}">{spec}</a>.</noscript>
+<script src="{js}"></script>
+<script>
+window.ui = SwaggerUIBundle({{
+  url: {spec_js},
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  // null: no badge fetched from the public validator service
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout"
+}});
+</script>
 </body></html>"""
 
 
 @bp.get("/docs")
 def docs() -> Response:
-    return Response(DOCS_PAGE, mimetype="text/html")
+    spec_url = url_for("openapi.openapi_json")
+    page = DOCS_PAGE.format(
+        css=html.escape(url_for("openapi.docs_static", filename="swagger-ui.css")),
+        icon=html.escape(url_for("openapi.docs_static", filename="favicon-32x32.png")),
+        js=html.escape(url_for("openapi.docs_static", filename="swagger-ui-bundle.js")),
+        spec=html.escape(spec_url),
+        # JSON is a JS string literal; </ escaped so it cannot close the script.
+        spec_js=json.dumps(spec_url).replace("</", "<\\/"),
+    )
+    return Response(page, mimetype="text/html")
+
+
+@bp.get("/docs/static/<path:filename>")
+def docs_static(filename: str) -> Response:
+    if filename not in DOCS_ASSETS:
+        abort(404)
+    return send_from_directory(str(swagger_ui_path), filename)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
 from app.models import TaskStatus
 
@@ -95,11 +95,27 @@ class TaskListSchema(Schema):
 
 
 class ProblemSchema(Schema):
+    """RFC 9457: the four standard members, and the extension members the API sends."""
+
+    class Meta:
+        # RFC 9457 allows extension members, and clients must ignore those
+        # they do not know: INCLUDE renders additionalProperties: true.
+        unknown = INCLUDE
+
     type = fields.String(required=True)
     title = fields.String(required=True)
     status = fields.Integer(required=True)
     detail = fields.String(required=True)
-    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "400: each invalid field by its path (`input.seconds`), with its messages"},
+    )
+    balance = fields.Integer(metadata={"description": "402: the organization's credit balance"})
+    cost = fields.Integer(metadata={"description": "402: the task's cost in credits"})
+    queued = fields.Integer(metadata={"description": "429 (queue full): the organization's waiting tasks"})
+    queueLimit = fields.Integer(metadata={"description": "429 (queue full): the organization's queue limit"})
+    idempotencyKey = fields.String(metadata={"description": "422: the idempotency key that was reused"})
 
 
 class OrganizationSchema(Schema):

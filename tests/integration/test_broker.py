@@ -6,14 +6,13 @@ import uuid
 
 from kombu import Connection
 
-from app.broker import reuse_redis_clients
+from app.transport import broker_transport
 
 
 def test_a_channel_publishes_through_one_client_and_messages_still_arrive(shared_redis_url: str) -> None:
-    reuse_redis_clients()
-    reuse_redis_clients()  # idempotent: every process that builds the Celery app calls it
     name = f"waybill-test-{uuid.uuid4().hex}"
-    with Connection(shared_redis_url) as conn:
+    # The transport Waybill's Celery app selects for this URL (app/transport.py).
+    with Connection(shared_redis_url, transport=broker_transport(shared_redis_url)) as conn:
         queue = conn.SimpleQueue(name)
         try:
             channel = conn.default_channel

@@ -83,14 +83,17 @@ def test_metrics_move_by_exactly_what_a_run_did(
 ) -> None:
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    stack = make_stack(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    # With the token, /metrics shows per-organization series (without it they are summed).
+    stack = make_stack(PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), METRICS_TOKEN="scrape-me")
+    scrape = {"Authorization": "Bearer scrape-me"}
     stack.web()
     stack.worker(queues="tasks", concurrency=2)
     stack.webhooks_worker()
     # Room for the four tasks submitted back to back below: whether the
     # worker has claimed one by the fourth is a race the test must not depend on.
     api = Api(stack.base_url, new_org(stack, credits=5, queue_limit=4))
-    before = _samples(requests.get(stack.base_url + "/metrics", timeout=10).text)
+    assert requests.get(stack.base_url + "/metrics", timeout=10).status_code == 401
+    before = _samples(requests.get(stack.base_url + "/metrics", headers=scrape, timeout=10).text)
 
     ok = [api.submit({"type": "echo", "input": i, "webhook": {"url": receiver.url}}) for i in range(3)]
     assert [r.status_code for r in ok] == [202] * 3
@@ -106,7 +109,7 @@ def test_metrics_move_by_exactly_what_a_run_did(
     assert api.submit({"type": "echo"}).status_code == 402
     api.wait_status(fifth.json()["taskId"], {"succeeded"})
 
-    after_text = requests.get(stack.base_url + "/metrics", timeout=10).text
+    after_text = requests.get(stack.base_url + "/metrics", headers=scrape, timeout=10).text
     after = _samples(after_text)
 
     def delta(name: str, **labels: str) -> float:
