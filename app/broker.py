@@ -1,13 +1,10 @@
-"""The Celery-backed :class:`~app.services.dispatch.Publisher`."""
+"""The Celery-backed :class:`~app.dispatch.Publisher`: the only code that sends Celery messages."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-RUN_TASK = "waybill.tasks.run"
-DELIVER_WEBHOOK = "waybill.webhooks.deliver"
-TASKS_QUEUE = "tasks"
-WEBHOOKS_QUEUE = "webhooks"
+from app.queues import DELIVER_WEBHOOK, RUN_TASK, TASKS_QUEUE, WEBHOOKS_QUEUE
 
 
 class CeleryPublisher:

@@ -7,10 +7,9 @@ from typing import Any
 from celery import Celery, Task
 from flask import Flask
 
+from app import queues
 from app.transport import broker_transport
 from config import Settings
-
-MAINTENANCE_QUEUE = "maintenance"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -47,11 +46,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_step": 0.2,
             "interval_max": 0.5,
         },
-        "task_default_queue": "tasks",
+        "task_default_queue": queues.TASKS_QUEUE,
         "task_routes": {
-            "waybill.tasks.*": {"queue": "tasks"},
-            "waybill.webhooks.*": {"queue": "webhooks"},
-            "waybill.maintenance.*": {"queue": MAINTENANCE_QUEUE},
+            "waybill.tasks.*": {"queue": queues.TASKS_QUEUE},
+            "waybill.webhooks.*": {"queue": queues.WEBHOOKS_QUEUE},
+            "waybill.maintenance.*": {"queue": queues.MAINTENANCE_QUEUE},
         },
         # Flower shows tasks from these events.
         "worker_send_task_events": True,
@@ -59,22 +58,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep": {
-                "task": "waybill.maintenance.sweep",
+                "task": queues.SWEEP,
                 "schedule": sweep,
                 "options": {"expires": max(sweep * 2, 2.0)},
             },
             "dispatch": {
-                "task": "waybill.maintenance.dispatch",
+                "task": queues.DISPATCH_STEP,
                 "schedule": settings.dispatch_interval_seconds,
                 "options": {"expires": max(settings.dispatch_interval_seconds * 2, 2.0)},
             },
             "retention": {
-                "task": "waybill.maintenance.retention",
+                "task": queues.RETENTION,
                 "schedule": 600.0,
                 "options": {"expires": 600.0},
             },
             "reconcile-counters": {
-                "task": "waybill.maintenance.reconcile",
+                "task": queues.RECONCILE,
                 "schedule": 60.0,
                 "options": {"expires": 120.0},
             },

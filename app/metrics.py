@@ -26,6 +26,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app import queues
+
 TOP_ORGANIZATIONS = 20
 _LATENCY_BUCKETS = (
     0.005,
@@ -94,7 +96,7 @@ class LiveCollector(Collector):
         )
         try:
             client = self.waybill.redis
-            for queue in ("tasks", "webhooks", "maintenance"):
+            for queue in (queues.TASKS_QUEUE, queues.WEBHOOKS_QUEUE, queues.MAINTENANCE_QUEUE):
                 depth.add_metric([queue], float(client.llen(queue)))
         except Exception:  # a scrape must not fail because Redis is away
             pass

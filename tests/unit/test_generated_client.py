@@ -28,8 +28,8 @@ from app import create_app
 from app.api.openapi import build_spec
 from app.db import Database
 from app.models import WebhookDelivery
-from app.services import runner
 from app.services.task_types import Registry
+from app.usecases import run
 from config import Settings
 from tests.conftest import RecordingPublisher, make_org
 
@@ -141,8 +141,8 @@ def test_a_failed_task_and_its_webhook_payload_parse_as_typed_models(
         metadata=m.SubmitHttpFetchTaskMetadataType0.from_dict({"order": 7}),
     )
     task_id = generated.submit_task.sync(client=api, body=body).task_id
-    settings = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
-    assert runner.execute(db, Registry.from_entry_points(), settings, task_id).status == "failed"
+    settings = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
+    assert run.execute(db, Registry.from_entry_points(), settings, task_id).status == "failed"
 
     task = generated.get_task.sync(client=api, task_id=task_id)
     assert isinstance(task, m.Task) and task.status is m.TaskStatus.FAILED

@@ -25,18 +25,18 @@ from openapi_core.exceptions import OpenAPIError
 from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request, Response
 
-import app.api.requests as requests_module
+import app.api.plumbing as requests_module
 from app import create_app
 from app.db import Database
-from app.services import runner
 from app.services.task_types import Registry
+from app.usecases import run
 from config import Settings
 from tests.conftest import RecordingPublisher, make_org
 
 METRICS_TOKEN = "metrics-secret"
 HOOK = "http://127.0.0.1:9/hook"  # never called: the publisher only records
 LIMITED_ADDRESS = "198.51.100.23"  # the address that exhausts the failed-authentication limit
-RUN = runner.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
+RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
 
 
 @pytest.fixture
@@ -175,8 +175,8 @@ def _tasks(c: Contract, db: Database) -> None:
     ):
         ids[name] = c.call("post", "/v1/tasks", 202, json=body, headers=_auth(key)).get_json()["taskId"]
     registry = Registry.from_entry_points()
-    assert runner.execute(db, registry, RUN, ids["succeeds"]).status == "succeeded"
-    assert runner.execute(db, registry, RUN, ids["fails"]).status == "failed"
+    assert run.execute(db, registry, RUN, ids["succeeds"]).status == "succeeded"
+    assert run.execute(db, registry, RUN, ids["fails"]).status == "failed"
 
     one = "/v1/tasks/{taskId}"
     done = c.call("get", one, 200, path={"taskId": ids["succeeds"]}, headers=_auth(key)).get_json()
