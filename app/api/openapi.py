@@ -313,52 +313,41 @@ def build_spec() -> dict[str, Any]:
             ),
         },
     )
-    simple: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+    # Operations with one 200 answer and nothing else of their own.
+    simple: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         (
+            "get",
             "/v1/organization",
             "getOrganization",
             "The organization, its credits and limits",
             _ref("Organization"),
         ),
         (
+            "get",
             "/v1/task-types",
             "listTaskTypes",
             "The registered task types",
             {"type": "array", "items": _ref("TaskType")},
         ),
-        ("/v1/webhook-secret", "getWebhookSecret", "The webhook signing secret", _ref("WebhookSecret")),
+        (
+            "get",
+            "/v1/webhook-secret",
+            "getWebhookSecret",
+            "The webhook signing secret",
+            _ref("WebhookSecret"),
+        ),
+        (
+            "post",
+            "/v1/webhook-secret/rotate",
+            "rotateWebhookSecret",
+            "Rotate the signing secret (the old one also signs for 24 h)",
+            _ref("WebhookSecret"),
+        ),
+        ("get", "/healthz", "healthz", "Process up", _ref("Health")),
     )
-    for path, op_id, summary, schema in simple:
-        spec.path(
-            path=path,
-            operations={
-                "get": _v1(
-                    {"summary": summary, "operationId": op_id, "responses": {"200": _json(schema, summary)}}
-                )
-            },
-        )
-    spec.path(
-        path="/v1/webhook-secret/rotate",
-        operations={
-            "post": _v1(
-                {
-                    "summary": "Rotate the signing secret (the old one also signs for 24 h)",
-                    "operationId": "rotateWebhookSecret",
-                    "responses": {"200": _json(_ref("WebhookSecret"), "The new secret")},
-                }
-            )
-        },
-    )
-    spec.path(
-        path="/healthz",
-        operations={
-            "get": {
-                "summary": "Process up",
-                "operationId": "healthz",
-                "responses": {"200": _json(_ref("Health"), "Up")},
-            }
-        },
-    )
+    for method, path, op_id, summary, schema in simple:
+        operation = {"summary": summary, "operationId": op_id, "responses": {"200": _json(schema, summary)}}
+        spec.path(path=path, operations={method: _v1(operation) if path.startswith("/v1/") else operation})
     spec.path(
         path="/readyz",
         operations={

@@ -198,18 +198,10 @@ def finish(
 
 
 def fail_task(
-    session: Session,
-    task_id: str,
-    code: str,
-    message: str,
-    *,
-    now: datetime | None = None,
-    retention_days: float = DEFAULT_RETENTION_DAYS,
+    session: Session, task_id: str, code: str, message: str, *, retention_days: float = DEFAULT_RETENTION_DAYS
 ) -> Ended:
     """The last resort of a run that raised where it should not have (claiming, decoding, recording)."""
-    return finish(
-        session, task_id, TaskStatus.FAILED, error=(code, message), now=now, retention_days=retention_days
-    )
+    return finish(session, task_id, TaskStatus.FAILED, error=(code, message), retention_days=retention_days)
 
 
 def cancel(
