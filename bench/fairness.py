@@ -56,12 +56,12 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args()
     with platform(args.db, DISPATCH_QUEUE_TARGET="4") as p:
-        p.web()
+        p.web(threads=16)
         p.worker(queues="tasks", concurrency=2)
         p.worker("maintenance", queues="webhooks,maintenance", concurrency=2)
         p.beat()
-        _, a_key = p.org("A", concurrency_limit=100)
-        _, b_key = p.org("B")
+        a_key = p.org("A", concurrency_limit=100).api_key
+        b_key = p.org("B").api_key
         started = time.monotonic()
         submit_many(p.base_url, a_key, {"type": "sleep", "input": {"seconds": args.duration}}, args.backlog)
         fill_s = time.monotonic() - started

@@ -4,8 +4,9 @@ Every benchmark builds a :class:`Platform` in a temporary directory with its
 own embedded Redis and its own database (SQLite there, or a fresh PostgreSQL
 database on the server ``BENCH_POSTGRES_URL`` names, by default
 ``postgres@127.0.0.1:5432``), so a run never touches anything else on the
-machine. Every process is in its own process group and is stopped (killed if
-it must) when the ``platform()`` block ends.
+machine. The processes are the integration tests' (``tests.support.Stack``):
+each in its own process group, stopped (killed if it must) when the
+``platform()`` block ends.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 from sqlalchemy import create_engine, insert, text, update
 
 from app import ids
@@ -35,9 +33,8 @@ from app.embedded_redis import EmbeddedRedis, free_port
 from app.migrate import upgrade
 from app.models import Organization, Task
 from app.models.base import utcnow
-from app.services import organizations
+from tests.support import ROOT, Org, Process, Stack
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 DB_KINDS = ("sqlite", "postgresql")
 
@@ -68,16 +65,6 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def wait_http(url: str, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} did not start within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def database(kind: str, workdir: Path) -> Iterator[str]:
     """A fresh, migrated database: ``sqlite`` or ``postgresql``."""
@@ -101,72 +88,25 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
         admin.dispose()
 
 
-@dataclass
-class Platform:
-    workdir: Path
+@dataclass(kw_only=True)
+class Platform(Stack):
+    """The processes of ``tests.support.Stack`` on a benchmark's own Redis and database.
+
+    Workers log at WARNING and are not waited for (a benchmark's clock starts
+    with the process); organizations get limits no benchmark reaches.
+    """
+
     database_url: str
     redis: EmbeddedRedis
-    env: dict[str, str] = field(default_factory=dict)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    base_url: str = ""
+    loglevel: str = "WARNING"
+    wait_ready: bool = False
+    org_defaults: dict[str, int] = field(
+        default_factory=lambda: {"credits": 10_000_000, "queue_limit": 1_000_000, "concurrency_limit": 100}
+    )
     baseline_url: str = ""
     _engine: Any = None
 
-    def start(self, name: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115  # owned by the process
-        proc = subprocess.Popen(
-            argv,
-            env={**self.env, **env},
-            cwd=ROOT,  # `-A bench.baseline_app` and `app.wsgi` resolve from the repository
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.procs.append((name, proc))
-        return proc
-
-    def web(self, workers: int = 2, threads: int = 16) -> None:
-        port = free_port()
-        self.start(
-            "web",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                "app.wsgi:app",
-            ],
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        wait_http(self.base_url + "/healthz", "gunicorn")
-
-    def serve(self, workers: int = 2, threads: int = 16) -> subprocess.Popen[bytes]:
-        """The web process exactly as the Procfile's ``web: waybill serve`` line runs it.
-
-        ``waybill serve`` execs gunicorn with ``app.gunicorn_conf``; only the
-        bind address and the process and thread counts come from here (through
-        the settings it reads), so a benchmark measures what a deployment runs.
-        """
-        port = free_port()
-        proc = self.start(
-            "web",
-            [sys.executable, "-m", "app.cli", "serve"],
-            HTTP_HOST="127.0.0.1",
-            HTTP_PORT=str(port),
-            WEB_CONCURRENCY=str(workers),
-            WEB_THREADS=str(threads),
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        wait_http(self.base_url + "/healthz", "waybill serve")
-        return proc
-
-    def baseline_web(self, workers: int = 2, threads: int = 16) -> subprocess.Popen[bytes]:
+    def baseline_web(self, workers: int = 2, threads: int = 16) -> Process:
         """The bare Flask baseline (``bench/baseline_app.py``) under gunicorn, flags as ``waybill serve``.
 
         Only ``--config python:app.gunicorn_conf`` is left out: it holds
@@ -192,67 +132,13 @@ class Platform:
             ],
         )
         self.baseline_url = f"http://127.0.0.1:{port}"
-        wait_http(self.baseline_url + "/healthz", "the baseline gunicorn")
+        self.wait_healthy(proc, self.baseline_url, "the baseline gunicorn")
         return proc
 
-    def worker(
-        self,
-        name: str = "worker",
-        queues: str = "tasks",
-        concurrency: int = 2,
-        app: str = "workers.main",
-        **env: str,
-    ) -> subprocess.Popen[bytes]:
-        return self.start(
-            name,
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                app,
-                "worker",
-                "--queues",
-                queues,
-                "--concurrency",
-                str(concurrency),
-                "--hostname",
-                f"{name}@%h",
-                "--loglevel",
-                "WARNING",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            **env,
-        )
-
-    def beat(self) -> subprocess.Popen[bytes]:
-        return self.start(
-            "beat",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.main",
-                "beat",
-                "--schedule",
-                str(self.workdir / "beat-schedule"),
-                "--loglevel",
-                "WARNING",
-            ],
-        )
-
-    def org(self, name: str, **kwargs: Any) -> tuple[str, str]:
-        kwargs.setdefault("credits", 10_000_000)
-        kwargs.setdefault("queue_limit", 1_000_000)
-        kwargs.setdefault("concurrency_limit", 100)
-        db = Database(self.database_url)
-        with db.session() as s:
-            created = organizations.create_organization(s, name, **kwargs)
-            out = (created.organization.id, created.key.api_key)
-        db.dispose()
-        return out
+    def org(self, name: str = "acme", **kwargs: int) -> Org:
+        created = super().org(name, **kwargs)
+        self.db.dispose()  # no connection of the benchmark's own stays open while it measures
+        return created
 
     def fill(
         self,
@@ -333,33 +219,12 @@ class Platform:
             self._engine = create_engine(self.database_url, pool_size=1)
         return self._engine
 
-    def stop_one(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-        """Stop one process (warm: Celery finishes what it holds), killed if it does not stop in time."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-
     def stop(self) -> None:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-        for _name, proc in reversed(self.procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for _name, proc in reversed(self.procs):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        self.procs.clear()
+        super().stop()
+        self.db.dispose()
 
 
 @contextlib.contextmanager
@@ -371,7 +236,8 @@ def platform(db_kind: str = "sqlite", **env: str) -> Iterator[Platform]:
             metrics_dir = workdir / "metrics"
             metrics_dir.mkdir()
             p = Platform(
-                workdir=workdir,
+                log_dir=workdir,
+                db=Database(url),
                 database_url=url,
                 redis=redis,
                 env={

@@ -32,8 +32,8 @@ import requests
 
 from bench.baseline_app import QUEUE, ROUNDTRIP, make_celery
 from bench.harness import DB_KINDS, platform, summary, write_results
-from bench.load import Receiver, receiver
 from bench.report import bar_chart, table
+from tests.support import Receiver, answer_no_content
 
 TIMEOUT = 30.0
 
@@ -57,11 +57,11 @@ def webhook_sample(s: requests.Session, base: str, hook: Receiver, i: int) -> fl
     t0 = time.perf_counter()
     r = s.post(
         base + "/v1/tasks",
-        json={"type": "echo", "input": {"n": i}, "webhook": {"url": hook.url}},
+        json={"type": "echo", "input": {"n": i}, "webhook": {"url": hook.url + "/hook"}},
         timeout=TIMEOUT,
     )
     assert r.status_code == 202, r.text
-    arrived = hook.wait_for(r.json()["taskId"], TIMEOUT)
+    arrived = hook.wait_for_task(r.json()["taskId"], TIMEOUT)
     if arrived is None:
         raise TimeoutError("a webhook did not arrive within 30 s")
     return (arrived - t0) * 1000
@@ -69,13 +69,13 @@ def webhook_sample(s: requests.Session, base: str, hook: Receiver, i: int) -> fl
 
 def run(db_kind: str, *, samples: int = 100, poll_interval: float = 0.005, **env: str) -> dict[str, Any]:
     times: dict[str, list[float]] = {"poll": [], "webhook": [], "raw_celery": []}
-    with platform(db_kind, **env) as p, receiver() as hook:
+    with platform(db_kind, **env) as p, Receiver(answer_no_content) as hook:
         p.serve(workers=2)
         p.worker("worker", queues="tasks", concurrency=2)
         p.worker("webhooks", queues="webhooks,maintenance", concurrency=4)
         p.worker("baseline-worker", queues=QUEUE, concurrency=2, app="bench.baseline_app")
         p.beat()
-        _, key = p.org("bench-latency")
+        key = p.org("bench-latency").api_key
         s = requests.Session()
         s.headers["Authorization"] = f"Bearer {key}"
         celery = make_celery(p.redis.url)

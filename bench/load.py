@@ -1,4 +1,6 @@
-"""Load generators and probes shared by the benchmarks: HTTP clients, a webhook receiver, RSS.
+"""Load generators and probes shared by the benchmarks: HTTP clients and RSS.
+
+The webhook receiver is the tests' (``tests.support.Receiver``).
 
 Everything here talks to 127.0.0.1 only and every loop is bounded twice, by a
 count and by a deadline, so a benchmark always ends by itself even when the
@@ -7,19 +9,17 @@ system under test stalls.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import requests
 
 from bench.harness import summary
+from tests.support import wait_for
 
 
 @dataclass
@@ -116,100 +116,6 @@ def hammer(
     return LoadResult(len(latencies), errors[0], elapsed, latencies, first_error[0])
 
 
-def poll_until(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05, what: str = "a condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that answers 204 at once and notes when each event arrived.
-
-    Arrival times are ``time.perf_counter()`` of this process, so a benchmark
-    that submits from the same process can subtract them from its own clock.
-    """
-
-    arrivals: dict[str, float] = field(default_factory=dict)  # task id -> first arrival
-    times: list[float] = field(default_factory=list)  # every arrival, duplicates included
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    cond: threading.Condition = field(init=False)
-    server: ThreadingHTTPServer | None = None
-
-    def __post_init__(self) -> None:
-        self.cond = threading.Condition(self.lock)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def start(self) -> Receiver:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                at = time.perf_counter()
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                task_id = ""
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    task_id = json.loads(body)["data"]["taskId"]
-                with receiver.cond:
-                    receiver.times.append(at)
-                    receiver.arrivals.setdefault(task_id, at)
-                    receiver.cond.notify_all()
-
-            def log_message(self, *_args: Any) -> None:  # quiet: one line per event is noise
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.server = server
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        return self
-
-    def wait_for(self, task_id: str, timeout: float) -> float | None:
-        """The arrival time of ``task_id``'s event, or None after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while task_id not in self.arrivals:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self.cond.wait(left)
-            return self.arrivals[task_id]
-
-    def received(self) -> int:
-        with self.lock:
-            return len(self.arrivals)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-@contextlib.contextmanager
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
-
-
 def rss_mib(pid: int) -> float:
     import psutil
 
@@ -231,10 +137,10 @@ def children(pid: int) -> list[int]:
 
 def wait_children(pid: int, count: int, timeout: float = 60.0) -> list[int]:
     """The process's children once there are ``count`` of them (a pool forks after start-up)."""
-    found: list[int] = poll_until(
+    found: list[int] = wait_for(
         lambda: kids if len(kids := children(pid)) >= count else None,
-        timeout=timeout,
+        timeout,
+        f"{count} child processes of {pid}",
         interval=0.2,
-        what=f"{count} child processes of {pid}",
     )
     return found

@@ -82,7 +82,7 @@ def run(
         worker = p.worker("worker", queues="tasks", concurrency=2)
         p.worker("webhooks", queues="webhooks,maintenance", concurrency=4)
         p.beat()
-        _, key = p.org("bench-memory", queue_limit=10_000_000, credits=10_000_000)
+        key = p.org("bench-memory", queue_limit=10_000_000, credits=10_000_000).api_key
         load: dict[str, LoadResult] = {}
 
         def submit() -> None:

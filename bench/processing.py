@@ -173,7 +173,7 @@ def run(
         "raw_celery": {str(c): [] for c in concurrencies},
     }
     with platform(db_kind, **env) as p:
-        org_id, _ = p.org("bench-processing", concurrency_limit=100)
+        org_id = p.org("bench-processing", concurrency_limit=100).id
         # As the Procfile: deliveries and the maintenance queue (dispatch
         # steps every second, the sweep) on their own worker, and beat.
         p.worker("webhooks", queues="webhooks,maintenance", concurrency=4)

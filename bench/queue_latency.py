@@ -77,8 +77,9 @@ def run(db_kind: str, n: int, count: int, **env: str) -> dict[str, object]:
     """
     with platform(db_kind, **env) as p:
         p.serve()
-        a_id, a_key = p.org("bench-a")
-        _, b_key = p.org("bench-b")
+        a = p.org("bench-a")
+        a_id, a_key = a.id, a.api_key
+        b_key = p.org("bench-b").api_key
         empty = measure(p, a_key, n)
         fill_s = p.fill(a_id, count)
         full, beside = measure_interleaved(p, [a_key, b_key], n)

@@ -99,7 +99,7 @@ def run(
     """``orgs`` > 1 spreads the clients over that many organizations (one is the issue's case)."""
     results: dict[str, Any] = {"db": db_kind, "clients": clients, "orgs": orgs, "by_workers": {}}
     with platform(db_kind, **env) as p:
-        keys = [p.org(f"bench-submission-{i}", queue_limit=10_000_000)[1] for i in range(orgs)]
+        keys = [p.org(f"bench-submission-{i}", queue_limit=10_000_000).api_key for i in range(orgs)]
         for w in web_workers:
             results["by_workers"][str(w)] = measure(
                 p, keys, w, clients=clients, window=window, rounds=rounds, max_requests=max_requests

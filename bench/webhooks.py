@@ -31,23 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis
 
 from bench.harness import DB_KINDS, platform, write_results
-from bench.load import poll_until, receiver
 from bench.report import bar_chart, table
+from tests.support import Receiver, answer_no_content, wait_for
 
 
 def run(db_kind: str, *, count: int = 1500, timeout: float = 180.0, **env: str) -> dict[str, Any]:
-    with platform(db_kind, SWEEP_GRACE_SECONDS="600", **env) as p, receiver() as hook:
-        org_id, _ = p.org("bench-webhooks", concurrency_limit=100)
+    with platform(db_kind, SWEEP_GRACE_SECONDS="600", **env) as p, Receiver(answer_no_content) as hook:
+        org_id = p.org("bench-webhooks", concurrency_limit=100).id
         # Dispatch steps and the sweep still run, on a maintenance-only worker.
         p.worker("maintenance", queues="maintenance", concurrency=1)
         p.beat()
-        p.fill(org_id, count, webhook_url=hook.url)
+        p.fill(org_id, count, webhook_url=hook.url + "/hook")
         tasks_worker = p.worker("worker", queues="tasks", concurrency=2)
-        poll_until(
-            lambda: p.count_status("succeeded") >= count,
-            timeout=timeout,
-            interval=0.5,
-            what=f"{count} tasks to succeed",
+        wait_for(
+            lambda: p.count_status("succeeded") >= count, timeout, f"{count} tasks to succeed", interval=0.5
         )
         p.stop_one(tasks_worker)
         client = redis.Redis.from_url(p.redis.url)
@@ -56,10 +53,8 @@ def run(db_kind: str, *, count: int = 1500, timeout: float = 180.0, **env: str) 
         started = time.perf_counter()
         p.worker("webhooks", queues="webhooks", concurrency=4)
         with contextlib.suppress(TimeoutError):  # report what arrived; the table says how many
-            poll_until(
-                lambda: hook.received() >= count, timeout=timeout, interval=0.2, what=f"{count} webhooks"
-            )
-        times = sorted(hook.times)
+            wait_for(lambda: hook.task_count() >= count, timeout, f"{count} webhooks", interval=0.2)
+        times = sorted(hook.times())
     received = len(times)
     # Skip the first 5% of arrivals: the pool's processes open their first
     # database and HTTP connections then.
@@ -70,7 +65,7 @@ def run(db_kind: str, *, count: int = 1500, timeout: float = 180.0, **env: str) 
         "count": count,
         "messages_queued": queued,
         "received": received,
-        "unique_tasks": hook.received(),
+        "unique_tasks": hook.task_count(),
         "rate_per_s": (received - 1 - i0) / span if received > 1 and span > 0 else float("nan"),
         "first_arrival_s": round(times[0] - started, 2) if times else float("nan"),
         "total_s": round(times[-1] - started, 2) if times else float("nan"),

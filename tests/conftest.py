@@ -11,7 +11,6 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import fakeredis
 import pytest
@@ -23,8 +22,8 @@ from app import create_app
 from app.db import Database
 from app.migrate import upgrade
 from app.models import Base
-from app.services import organizations
 from config import Settings
+from tests.support import Org, empty_tables, make_org
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +43,6 @@ def migrated(database_url: str) -> str:
     db.dispose()
     upgrade(database_url)
     return database_url
-
-
-def empty_tables(db: Database) -> None:
-    with db.engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(table.delete())
 
 
 @pytest.fixture
@@ -120,26 +113,6 @@ def app(
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
-
-
-@dataclass
-class Org:
-    id: str
-    api_key: str
-    webhook_secret: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
-def make_org(db: Database, name: str = "acme", **kwargs: Any) -> Org:
-    kwargs.setdefault("credits", 1000)
-    kwargs.setdefault("queue_limit", 100_000)
-    kwargs.setdefault("concurrency_limit", 10)
-    with db.session() as s:
-        created = organizations.create_organization(s, name, **kwargs)
-        return Org(created.organization.id, created.key.api_key, created.organization.webhook_secret)
 
 
 @pytest.fixture

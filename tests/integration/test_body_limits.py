@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.models import Task
-from tests.conftest import make_org
-from tests.integration.conftest import Stack
+from tests.support import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +68,7 @@ def web(make_stack: Callable[..., Stack]) -> Stack:
 
 
 def test_a_chunked_body_over_the_limit_is_413_and_stores_nothing(web: Stack) -> None:
-    org = make_org(web.db, "chunky")
+    org = web.org("chunky")
     assert _exchange(web.base_url, org.api_key, _payload(LIMIT // 2), chunked=True).startswith(
         b"HTTP/1.1 202"
     )
@@ -79,7 +78,7 @@ def test_a_chunked_body_over_the_limit_is_413_and_stores_nothing(web: Stack) -> 
 
 
 def test_clients_sending_too_much_read_the_413_instead_of_a_reset(web: Stack) -> None:
-    org = make_org(web.db, "bulky")
+    org = web.org("bulky")
     body = _payload(LIMIT * 8)
 
     def one(i: int) -> bytes:

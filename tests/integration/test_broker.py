@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from kombu import Connection
 
 from app.transport import broker_transport
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_channel_publishes_through_one_client_and_messages_still_arrive(shared_redis_url: str) -> None:

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.integration.conftest import Api, Stack
+from tests.support import Api, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -38,11 +38,11 @@ def site() -> Iterator[str]:
     server.shutdown()
 
 
-def test_every_builtin_type_runs_to_its_result(make_stack: Callable[..., Stack], new_org, site: str) -> None:
+def test_every_builtin_type_runs_to_its_result(make_stack: Callable[..., Stack], site: str) -> None:
     stack = make_stack()
     stack.web()
     stack.worker()
-    org = new_org(stack, credits=100)
+    org = stack.org(credits=100)
     api = Api(stack.base_url, org)
 
     submitted = {

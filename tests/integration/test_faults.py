@@ -12,18 +12,16 @@ from sqlalchemy import func, select
 
 from app.embedded_redis import EmbeddedRedis
 from app.models import CreditEntry, Task
-from tests.integration.conftest import Api, Stack
+from tests.support import Api, Stack
 
 pytestmark = pytest.mark.integration
 
 
-def test_sigkilled_worker_task_runs_again_and_records_one_result(
-    make_stack: Callable[..., Stack], new_org
-) -> None:
+def test_sigkilled_worker_task_runs_again_and_records_one_result(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
     stack.web()
     doomed = stack.worker("doomed")
-    org = new_org(stack)
+    org = stack.org()
     api = Api(stack.base_url, org)
     task_id = api.submit({"type": "sleep", "input": {"seconds": 2}}).json()["taskId"]
     api.wait_status(task_id, {"running"}, timeout=30)
@@ -46,13 +44,13 @@ def test_sigkilled_worker_task_runs_again_and_records_one_result(
 
 
 def test_worker_child_killed_three_times_fails_the_task_with_a_clear_error(
-    make_stack: Callable[..., Stack], new_org
+    make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
     stack.web()
     stack.beat()
     stack.worker(concurrency=1)
-    org = new_org(stack)
+    org = stack.org()
     api = Api(stack.base_url, org)
     task_id = api.submit({"type": "sleep", "input": {"seconds": 30}}).json()["taskId"]
     killed = 0
@@ -81,11 +79,11 @@ def test_worker_child_killed_three_times_fails_the_task_with_a_clear_error(
 
 
 def test_redis_down_at_submission_still_202_and_the_task_completes_later(
-    make_stack: Callable[..., Stack], new_org, private_redis: EmbeddedRedis
+    make_stack: Callable[..., Stack], private_redis: EmbeddedRedis
 ) -> None:
     stack = make_stack(redis_url=private_redis.url)
     stack.web()
-    org = new_org(stack)
+    org = stack.org()
     api = Api(stack.base_url, org)
     private_redis.stop()
 

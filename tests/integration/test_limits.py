@@ -11,7 +11,7 @@ import requests
 from sqlalchemy import func, select
 
 from app.models import CreditEntry, Organization, Task
-from tests.integration.conftest import Stack
+from tests.support import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,10 @@ def _ledger(stack: Stack, org_id: str) -> tuple[int, int, Counter[str]]:
         return org.credits, int(total), kinds
 
 
-def test_balance_100_and_500_racing_submissions_accept_exactly_100(
-    make_stack: Callable[..., Stack], new_org
-) -> None:
+def test_balance_100_and_500_racing_submissions_accept_exactly_100(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
     stack.web()
-    org = new_org(stack, credits=100)
+    org = stack.org(credits=100)
     responses = _post_many(stack, org.api_key, [{"type": "echo", "input": i} for i in range(500)])
     codes = Counter(r.status_code for r in responses)
     assert codes == {202: 100, 402: 400}, codes
@@ -76,11 +74,11 @@ def test_balance_100_and_500_racing_submissions_accept_exactly_100(
 
 
 def test_queue_limit_100_and_300_racing_submissions_accept_exactly_100(
-    make_stack: Callable[..., Stack], new_org
+    make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
     stack.web()  # no worker: nothing leaves the queue
-    org = new_org(stack, queue_limit=100, credits=10_000)
+    org = stack.org(queue_limit=100, credits=10_000)
     responses = _post_many(stack, org.api_key, [{"type": "echo"} for _ in range(300)])
     codes = Counter(r.status_code for r in responses)
     assert codes == {202: 100, 429: 200}, codes
@@ -97,11 +95,11 @@ def test_queue_limit_100_and_300_racing_submissions_accept_exactly_100(
 
 
 def test_idempotency_keys_race_to_exactly_one_task_and_one_charge_each(
-    make_stack: Callable[..., Stack], new_org
+    make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
     stack.web()
-    org = new_org(stack, credits=10_000)
+    org = stack.org(credits=10_000)
     bodies = [
         {"type": "echo", "input": {"key": k}, "idempotencyKey": f"key-{k}"}
         for _ in range(20)

@@ -11,13 +11,13 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded_redis import free_port
-from tests.integration.conftest import Api, Receiver, Stack, wait_for
+from tests.support import Api, Receiver, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_flower_shows_waybill_tasks_by_name_and_state_and_requires_credentials(
-    make_stack: Callable[..., Stack], new_org
+    make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
     stack.web()
@@ -39,7 +39,7 @@ def test_flower_shows_waybill_tasks_by_name_and_state_and_requires_credentials(
 
     wait_for(up, 60, "Flower to answer")
     assert flower.alive(), flower.output()
-    api = Api(stack.base_url, new_org(stack))
+    api = Api(stack.base_url, stack.org())
     ids = [api.submit({"type": "echo", "input": i}).json()["taskId"] for i in range(3)]
     for task_id in ids:
         api.wait_status(task_id, {"succeeded"})
@@ -79,7 +79,7 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def test_metrics_move_by_exactly_what_a_run_did(
-    make_stack: Callable[..., Stack], new_org, tmp_path, receiver: Receiver
+    make_stack: Callable[..., Stack], tmp_path, receiver: Receiver
 ) -> None:
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -91,7 +91,7 @@ def test_metrics_move_by_exactly_what_a_run_did(
     stack.webhooks_worker()
     # Room for the four tasks submitted back to back below: whether the
     # worker has claimed one by the fourth is a race the test must not depend on.
-    api = Api(stack.base_url, new_org(stack, credits=5, queue_limit=4))
+    api = Api(stack.base_url, stack.org(credits=5, queue_limit=4))
     assert requests.get(stack.base_url + "/metrics", timeout=10).status_code == 401
     before = _samples(requests.get(stack.base_url + "/metrics", headers=scrape, timeout=10).text)
 
@@ -131,13 +131,13 @@ def test_metrics_move_by_exactly_what_a_run_did(
 
 
 def test_logs_are_json_and_one_request_id_follows_the_task_to_its_webhook(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+    make_stack: Callable[..., Stack], receiver: Receiver
 ) -> None:
     stack = make_stack()
     stack.web()
     stack.worker(queues="tasks", concurrency=2)
     stack.webhooks_worker()
-    api = Api(stack.base_url, new_org(stack))
+    api = Api(stack.base_url, stack.org())
     r = api.submit({"type": "echo", "webhook": {"url": receiver.url}}, **{"X-Request-Id": "trace-42"})
     assert r.headers["X-Request-Id"] == "trace-42"
     task_id = r.json()["taskId"]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import re
 import signal
-import time
 from collections.abc import Callable
 
 import psutil
 import pytest
+from celery import Celery
 from standardwebhooks.webhooks import Webhook
 
-from tests.integration.conftest import Api, Receiver, Stack, wait_for
+from app.celery_app import celery_config
+from app.queues import DELIVER_WEBHOOK, WEBHOOKS_QUEUE
+from config import Settings
+from tests.support import Api, Process, Receiver, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +37,50 @@ def _wait_delivery(api: Api, task_id: str, statuses: set[str], timeout: float = 
     )
 
 
+def _deliver_messages(worker: Process) -> tuple[set[str], set[str]]:
+    """Celery ids of the deliver messages ``worker`` received, and of those it finished running."""
+    received: set[str] = set()
+    finished: set[str] = set()
+    for record in worker.log_records():
+        found = re.match(rf"Task {re.escape(DELIVER_WEBHOOK)}\[([^\]]+)\] ", record.get("message", ""))
+        if found is None:
+            continue
+        if record.get("logger") == "celery.worker.strategy":
+            received.add(found[1])
+        elif record.get("logger") == "celery.app.trace":  # succeeded, raised, retried...
+            finished.add(found[1])
+    return received, finished
+
+
+def _drain_webhooks(stack: Stack, worker: Process) -> None:
+    """Return once ``worker`` has run every webhook message published so far.
+
+    A marker message (for no delivery: it is skipped) goes into the webhooks
+    queue behind whatever is there, a retry scheduled with a countdown
+    included. The queue is first in, first out, so once the worker has run
+    the marker it has received every earlier message (it holds a countdown's
+    until due); then each of those must finish too.
+    """
+    config = celery_config(Settings.from_env(stack.env))
+    config.pop("include")
+    celery = Celery("test-marker")
+    celery.conf.update(config)
+    try:
+        marker = celery.send_task(DELIVER_WEBHOOK, args=["msg_marker"], queue=WEBHOOKS_QUEUE).id
+    finally:
+        celery.close()
+    wait_for(lambda: marker in _deliver_messages(worker)[1], 30, "the marker message to run")
+    wait_for(lambda: (seen := _deliver_messages(worker))[0] <= seen[1], 30, "every webhook message to finish")
+
+
 def test_signed_full_result_verified_with_old_and_new_secret(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+    make_stack: Callable[..., Stack], receiver: Receiver
 ) -> None:
     stack = make_stack()
     stack.web()
     stack.worker()
     stack.webhooks_worker()
-    org = new_org(stack)
+    org = stack.org()
     api = Api(stack.base_url, org)
     old_secret = api.http.get(stack.base_url + "/v1/webhook-secret").json()["secret"]
     assert old_secret == org.webhook_secret
@@ -82,14 +122,14 @@ def test_signed_full_result_verified_with_old_and_new_secret(
 
 
 def test_retry_schedule_doubles_and_the_fourth_attempt_lands(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+    make_stack: Callable[..., Stack], receiver: Receiver
 ) -> None:
     receiver.respond = lambda n: (500 if n <= 3 else 204, {}, b"no" if n <= 3 else b"", 0)
     stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="0.5")
     stack.web()
     stack.worker()
     stack.webhooks_worker()
-    api = Api(stack.base_url, new_org(stack))
+    api = Api(stack.base_url, stack.org())
     task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
     delivery = _wait_delivery(api, task_id, {"delivered", "failed"})
     assert delivery["status"] == "delivered"
@@ -109,7 +149,7 @@ def test_retry_schedule_doubles_and_the_fourth_attempt_lands(
     [(500, 5, "http_error"), (410, 1, "gone"), (302, 5, "redirect")],
 )
 def test_failing_receivers_end_failed_after_the_right_number_of_attempts(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver, status: int, attempts: int, outcome: str
+    make_stack: Callable[..., Stack], receiver: Receiver, status: int, attempts: int, outcome: str
 ) -> None:
     canary = Receiver()
     receiver.respond = lambda n: (
@@ -121,11 +161,11 @@ def test_failing_receivers_end_failed_after_the_right_number_of_attempts(
     stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="0.2")
     stack.web()
     stack.worker()
-    stack.webhooks_worker()
-    api = Api(stack.base_url, new_org(stack))
+    hooks = stack.webhooks_worker()
+    api = Api(stack.base_url, stack.org())
     task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
     delivery = _wait_delivery(api, task_id, {"failed"}, timeout=60)
-    time.sleep(1.0)  # nothing more arrives after the final attempt
+    _drain_webhooks(stack, hooks)  # nothing more arrives after the final attempt
     assert len(receiver.received) == attempts
     assert len(delivery["attempts"]) == attempts
     assert {a["outcome"] for a in delivery["attempts"]} == {outcome}
@@ -137,7 +177,7 @@ def test_failing_receivers_end_failed_after_the_right_number_of_attempts(
 
 
 def test_slow_and_huge_receivers_are_cut_at_the_deadline(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+    make_stack: Callable[..., Stack], receiver: Receiver
 ) -> None:
     huge = b"z" * (64 * 1024 * 1024)
     receiver.respond = lambda n: (200, {}, b"late", 5.0) if n == 1 else (200, {}, huge, 0)
@@ -145,7 +185,7 @@ def test_slow_and_huge_receivers_are_cut_at_the_deadline(
     stack.web()
     stack.worker()
     hooks = stack.webhooks_worker()
-    api = Api(stack.base_url, new_org(stack))
+    api = Api(stack.base_url, stack.org())
 
     def pool_rss() -> int:
         return sum(c.memory_info().rss for c in psutil.Process(hooks.process.pid).children(recursive=True))
@@ -160,7 +200,7 @@ def test_slow_and_huge_receivers_are_cut_at_the_deadline(
 
 
 def test_webhook_worker_killed_between_attempts_still_delivers_with_one_id(
-    make_stack: Callable[..., Stack], new_org, receiver: Receiver
+    make_stack: Callable[..., Stack], receiver: Receiver
 ) -> None:
     receiver.respond = lambda n: (503 if n == 1 else 200, {}, b"", 0)
     # A long first retry: the countdown message sits in the worker we kill.
@@ -168,7 +208,7 @@ def test_webhook_worker_killed_between_attempts_still_delivers_with_one_id(
     stack.web()
     stack.worker()
     doomed = stack.webhooks_worker()
-    api = Api(stack.base_url, new_org(stack))
+    api = Api(stack.base_url, stack.org())
     task_id = api.submit({"type": "echo", "webhook": {"url": receiver.url}}).json()["taskId"]
     wait_for(lambda: len(receiver.received) == 1, 30, "the first attempt")
     wait_for(lambda: len(_deliveries(api, task_id)[0]["attempts"]) == 1, 10, "the first attempt's record")

@@ -10,7 +10,8 @@ from flask.testing import FlaskClient
 
 from app.db import Database
 from app.dispatch import keys
-from tests.conftest import Org, RecordingPublisher, make_org
+from tests.conftest import RecordingPublisher
+from tests.support import Org, make_org
 
 
 def submit(client: FlaskClient, org: Org, body: object, **headers: str):

@@ -21,7 +21,7 @@ from app.models import ApiKey, Organization
 from app.services import organizations
 from app.services.errors import ValidationFailed
 from config import Settings
-from tests.conftest import make_org
+from tests.support import make_org
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # Variables a developer's shell or CI may export that would change what these tests see.

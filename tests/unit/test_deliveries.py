@@ -17,7 +17,7 @@ from app.services.deliveries import AttemptOutcome
 from app.services.errors import NothingToDeliver
 from app.services.task_types import Registry
 from app.usecases import run
-from tests.conftest import Org
+from tests.support import Org
 
 RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False)
 REG = Registry.from_entry_points()

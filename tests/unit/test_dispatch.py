@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from typing import cast
 
 import fakeredis
 import pytest
@@ -17,7 +18,8 @@ from app.queues import TASKS_QUEUE
 from app.services import submission, sweep
 from app.services.task_types import Registry
 from app.usecases import recovery
-from tests.conftest import Org, RecordingPublisher, make_org
+from tests.conftest import RecordingPublisher
+from tests.support import Org, make_org
 
 
 @pytest.fixture
@@ -223,4 +225,5 @@ def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.Fa
     # returned for publishing, none is left leased without a message.
     leased += d.finish_and_step("a0")
     assert leased == ["a0", "a1", "a2", "a3", "a4"]
-    assert sorted(m.decode() for m in r.zrange(keys.LEASES, 0, -1)) == ["a1", "a2", "a3", "a4"]
+    members = cast(list[bytes], r.zrange(keys.LEASES, 0, -1))  # bytes: no decode_responses
+    assert sorted(m.decode() for m in members) == ["a1", "a2", "a3", "a4"]

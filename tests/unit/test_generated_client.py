@@ -31,7 +31,8 @@ from app.models import WebhookDelivery
 from app.services.task_types import Registry
 from app.usecases import run
 from config import Settings
-from tests.conftest import RecordingPublisher, make_org
+from tests.conftest import RecordingPublisher
+from tests.support import make_org
 
 PACKAGE = "waybill_generated_client"
 HOOK = "http://127.0.0.1:9/hook"  # never called: the publisher only records

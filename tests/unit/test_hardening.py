@@ -12,8 +12,8 @@ import base64
 import io
 import json
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,7 +29,7 @@ from app.models.base import utcnow
 from app.services import deliveries, json_limits, lifecycle, outbound, submission
 from app.services.task_types import Registry, TaskContext, TaskType
 from app.usecases import run
-from tests.conftest import Org
+from tests.support import Org, Receiver, answer_no_content
 from tests.unit.test_api import assert_problem
 
 REGISTRY = Registry.from_entry_points()
@@ -347,34 +347,16 @@ def test_site_local_and_documentation_ipv6_are_refused(address: str) -> None:
         outbound.check_url(f"http://[{address}]/hook", allow_private=False)
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    paths: list[str] = []
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        _Recorder.paths.append(self.path)
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def receiver() -> Any:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    _Recorder.paths = []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[Receiver]:
+    with Receiver(answer_no_content) as r:
+        yield r
 
 
 def test_a_webhook_url_with_a_non_ascii_path_is_delivered_percent_encoded(
-    db: Database, org: Org, receiver: Any
+    db: Database, org: Org, receiver: Receiver
 ) -> None:
-    url = f"http://127.0.0.1:{receiver.server_address[1]}/café/ü?q=é"
+    url = f"{receiver.url}/café/ü?q=é"
     task_id = submit(db, org, webhook_url=url)
     delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
@@ -383,7 +365,7 @@ def test_a_webhook_url_with_a_non_ascii_path_is_delivered_percent_encoded(
     assert plan is not None
     result = deliveries.send_attempt(plan, timeout=5, allow_private=True)
     assert result.outcome == "delivered", result
-    assert _Recorder.paths == ["/caf%C3%A9/%C3%BC?q=%C3%A9"]
+    assert [r.path for r in receiver.received] == ["/caf%C3%A9/%C3%BC?q=%C3%A9"]
 
 
 def test_any_exception_of_an_attempt_is_a_recorded_failed_attempt(

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from app.db import Database
 from app.models import CreditEntry, Task
-from tests.conftest import Org
+from tests.support import Org
 
 JSON = "application/json"
 

@@ -15,7 +15,7 @@ from app.models.base import utcnow
 from app.services import lifecycle, submission, sweep
 from app.services.task_types import Registry, TaskContext, TaskError, TaskType
 from app.usecases import run
-from tests.conftest import Org
+from tests.support import Org
 
 
 def _submit(db: Database, org: Org, type_: str = "echo", **kw) -> str:

@@ -13,12 +13,13 @@ import schemathesis
 import schemathesis.checks as checks
 from flask import Flask
 from flask.testing import FlaskClient
+from requests.structures import CaseInsensitiveDict
 from schemathesis import Case
 
 from app.api.openapi import build_spec
 from app.db import Database
 from app.services.waiting import parse_prefer_wait
-from tests.conftest import make_org
+from tests.support import make_org
 
 _current: dict[str, Flask] = {}
 
@@ -53,7 +54,8 @@ def fuzz_key(app: Flask, db: Database) -> Iterator[str]:
 def test_every_response_matches_the_document_and_none_is_5xx(case: Case, fuzz_key: str) -> None:
     if case.path == "/metrics":
         return  # plain text; covered by its own tests
-    headers = dict(case.headers or {})
+    # Schemathesis's own type: generated names may be in any case ("prefer").
+    headers = CaseInsensitiveDict(case.headers or {})
     headers["Authorization"] = f"Bearer {fuzz_key}"
     if parse_prefer_wait(headers.get("Prefer")):
         # No worker runs here: a wait would always last its full N seconds

@@ -31,7 +31,8 @@ from app.db import Database
 from app.services.task_types import Registry
 from app.usecases import run
 from config import Settings
-from tests.conftest import RecordingPublisher, make_org
+from tests.conftest import RecordingPublisher
+from tests.support import make_org
 
 METRICS_TOKEN = "metrics-secret"
 HOOK = "http://127.0.0.1:9/hook"  # never called: the publisher only records

@@ -14,7 +14,7 @@ from app.services import deliveries, retention, submission
 from app.services.deliveries import AttemptOutcome
 from app.services.task_types import Registry
 from app.usecases import run
-from tests.conftest import Org
+from tests.support import Org
 
 REG = Registry.from_entry_points()
 RUN = run.RunSettings(lease_seconds=30, max_attempts=3, allow_private_targets=False, retention_days=30)

@@ -17,7 +17,7 @@ from app.services import deliveries, lifecycle, organizations, submission
 from app.services.deliveries import AttemptOutcome
 from app.services.errors import InsufficientCredits, QueueFull, ServiceError
 from app.services.task_types import Registry
-from tests.conftest import empty_tables
+from tests.support import empty_tables
 
 REG = Registry.from_entry_points()
 

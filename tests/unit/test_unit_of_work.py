@@ -10,7 +10,7 @@ from app.db import Database
 from app.models import Organization
 from app.models.base import utcnow
 from app.usecases.unit_of_work import UnitOfWork
-from tests.conftest import Org
+from tests.support import Org
 
 
 def _org(org_id: str, name: str = "x") -> Organization:
