@@ -37,11 +37,11 @@ import requests
 from sqlalchemy import func, select
 
 from app.db import Database
+from app.dispatch.keys import EPOCH, KNOWN, LEASES
 from app.embedded_redis import EmbeddedRedis, free_port
 from app.migrate import upgrade
 from app.models import CreditEntry, Organization, Task, WebhookAttempt, WebhookDelivery
 from app.services import organizations
-from app.services.dispatch import EPOCH, KNOWN, LEASES
 from config.settings import Settings
 from tests.processes import Process as Proc
 
