@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -29,7 +28,7 @@ from sqlalchemy import create_engine, insert, text, update
 from app import ids
 from app.db import Database
 from app.dispatch.keys import CLIMIT, KNOWN, RING, RING_MEMBERS, waiting_key
-from app.embedded_redis import EmbeddedRedis, free_port
+from app.embedded_redis import EmbeddedRedis
 from app.migrate import upgrade
 from app.models import Organization, Task
 from app.models.base import utcnow
@@ -115,24 +114,9 @@ class Platform(Stack):
         from bench.baseline_app import create_table
 
         create_table(self.database_url)
-        port = free_port()
-        proc = self.start(
-            "baseline-web",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                "bench.baseline_app:create_app()",
-            ],
+        proc, self.baseline_url = self.gunicorn(
+            "baseline-web", "bench.baseline_app:create_app()", workers, threads
         )
-        self.baseline_url = f"http://127.0.0.1:{port}"
-        self.wait_healthy(proc, self.baseline_url, "the baseline gunicorn")
         return proc
 
     def org(self, name: str = "acme", **kwargs: int) -> Org:

@@ -105,25 +105,17 @@ class Stack:
 
     def web(self, workers: int = 2, threads: int = 8) -> Process:
         """gunicorn serving ``app.wsgi:app`` on a free port; returns once /healthz answers."""
-        port = free_port()
-        proc = self.start(
-            "web",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                "app.wsgi:app",
-            ],
-        )
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.wait_healthy(proc, self.base_url, "gunicorn")
+        proc, self.base_url = self.gunicorn("web", "app.wsgi:app", workers, threads)
         return proc
+
+    def gunicorn(self, name: str, app: str, workers: int, threads: int) -> tuple[Process, str]:
+        """gunicorn serving the WSGI ``app`` on a free port, once /healthz answers: (process, base URL)."""
+        port = free_port()
+        argv = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}"]
+        proc = self.start(name, [*argv, "--workers", str(workers), "--threads", str(threads), app])
+        url = f"http://127.0.0.1:{port}"
+        self.wait_healthy(proc, url, name)
+        return proc, url
 
     def serve(self, workers: int = 2, threads: int = 16) -> Process:
         """The web process exactly as the Procfile's ``web: waybill serve`` line runs it.
