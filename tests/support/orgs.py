@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import func, select
+
 from app.db import Database
-from app.models import Base
+from app.models import Base, CreditEntry, Organization
 from app.services import organizations
 
 
@@ -40,3 +42,20 @@ def empty_tables(db: Database) -> None:
     with db.engine.begin() as conn:
         for table in reversed(Base.metadata.sorted_tables):
             conn.execute(table.delete())
+
+
+def organization(db: Database, org_id: str) -> Organization:
+    """The organization's row as it is now (credits and counters)."""
+    with db.session() as s:
+        org = s.get(Organization, org_id)
+        assert org is not None
+        return org
+
+
+def ledger_sum(db: Database, org_id: str) -> int:
+    """The sum of the organization's ledger: its balance must always equal it."""
+    with db.session() as s:
+        total = select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
+            CreditEntry.organization_id == org_id
+        )
+        return int(s.execute(total).scalar_one())

@@ -20,16 +20,18 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select, text, update
+from sqlalchemy import select, text, update
 
 from app.db import Database
 from app.dispatch import keys
-from app.models import CreditEntry, Organization, Task, WebhookAttempt, WebhookDelivery
+from app.models import Task, WebhookAttempt, WebhookDelivery
 from app.models.base import utcnow
 from app.services import deliveries, json_limits, lifecycle, outbound, submission
 from app.services.task_types import Registry, TaskContext, TaskType
 from app.usecases import run
 from tests.support import Org, Receiver, answer_no_content
+from tests.support.orgs import ledger_sum
+from tests.support.orgs import organization as org_row
 from tests.unit.test_api import assert_problem
 
 REGISTRY = Registry.from_entry_points()
@@ -56,24 +58,6 @@ def task_row(db: Database, task_id: str) -> Any:
                 Task.id == task_id
             )
         ).one()
-
-
-def org_row(db: Database, org_id: str) -> Organization:
-    with db.session() as s:
-        org = s.get(Organization, org_id)
-        assert org is not None
-        return org
-
-
-def ledger_sum(db: Database, org_id: str) -> int:
-    with db.session() as s:
-        return int(
-            s.execute(
-                select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
-                    CreditEntry.organization_id == org_id
-                )
-            ).scalar_one()
-        )
 
 
 # -- input limits: 32 levels, no U+0000, named in the 400 -----------------------

@@ -16,6 +16,8 @@ from app.services import lifecycle, submission, sweep
 from app.services.task_types import Registry, TaskContext, TaskError, TaskType
 from app.usecases import run
 from tests.support import Org
+from tests.support.orgs import ledger_sum as _ledger_sum
+from tests.support.orgs import organization as _org
 
 
 def _submit(db: Database, org: Org, type_: str = "echo", **kw) -> str:
@@ -30,24 +32,6 @@ def _task(db: Database, task_id: str) -> Task:
         task = s.get(Task, task_id)
         assert task is not None
         return task
-
-
-def _org(db: Database, org_id: str) -> Organization:
-    with db.session() as s:
-        org = s.get(Organization, org_id)
-        assert org is not None
-        return org
-
-
-def _ledger_sum(db: Database, org_id: str) -> int:
-    with db.session() as s:
-        return int(
-            s.execute(
-                select(func.coalesce(func.sum(CreditEntry.amount), 0)).where(
-                    CreditEntry.organization_id == org_id
-                )
-            ).scalar_one()
-        )
 
 
 def boom(_input, _ctx: TaskContext):
