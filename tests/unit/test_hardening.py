@@ -12,7 +12,7 @@ import base64
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import DataError
 
 from app.db import Database
 from app.dispatch import keys
@@ -49,6 +50,15 @@ def submit(db: Database, org: Org, registry: Registry = REGISTRY, **kw: Any) -> 
     kw.setdefault("type", "echo")
     with db.session() as s:
         return submission.submit(s, org.id, submission.SubmitRequest(**kw), registry=registry).task.id
+
+
+def raising(exc: BaseException) -> Callable[..., Any]:
+    """A stand-in for a function that raises ``exc`` whatever it is called with."""
+
+    def stand_in(*_a: Any, **_k: Any) -> Any:
+        raise exc
+
+    return stand_in
 
 
 def task_row(db: Database, task_id: str) -> Any:
@@ -359,10 +369,7 @@ def test_any_exception_of_an_attempt_is_a_recorded_failed_attempt(
     delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
 
-    def explode(*_a: Any, **_k: Any) -> Any:
-        raise UnicodeEncodeError("ascii", "é", 0, 1, "not ASCII")
-
-    monkeypatch.setattr(outbound, "request", explode)
+    monkeypatch.setattr(outbound, "request", raising(UnicodeEncodeError("ascii", "é", 0, 1, "not ASCII")))
     with db.session() as s:
         plan = deliveries.claim_attempt(s, delivery_id, hold_seconds=30)
     assert plan is not None
@@ -387,9 +394,6 @@ def test_a_delivery_whose_claim_keeps_raising_fails_after_its_attempts(
     delivery_id = run.execute(db, REGISTRY, RUN, task_id).delivery_id
     assert delivery_id is not None
 
-    def broken(*_a: Any, **_k: Any) -> Any:
-        raise RecursionError("maximum recursion depth exceeded while decoding")
-
     published: list[tuple[str, float | None]] = []
     wb = SimpleNamespace(
         db=db,
@@ -399,7 +403,11 @@ def test_a_delivery_whose_claim_keeps_raising_fails_after_its_attempts(
         dispatch=SimpleNamespace(deliver=lambda d, c=None: published.append((d, c))),
     )
     monkeypatch.setattr(worker_tasks, "current", lambda: wb)
-    monkeypatch.setattr(deliveries, "claim_attempt", broken)
+    monkeypatch.setattr(
+        deliveries,
+        "claim_attempt",
+        raising(RecursionError("maximum recursion depth exceeded while decoding")),
+    )
     for _ in range(5):
         with db.session() as s:  # each retry is due now
             s.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
@@ -422,35 +430,26 @@ def _assert_failed_and_refunded(db: Database, org: Org, task_id: str, code: str)
     assert ledger_sum(db, org.id) == 1000
 
 
-def test_a_claim_that_raises_fails_the_task_and_refunds(
-    db: Database, org: Org, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("step", "exc", "code"),
+    [
+        ("claim", RecursionError("maximum recursion depth exceeded"), "claim_failed"),
+        (
+            "record_result",
+            DataError("INSERT", {}, ValueError("unsupported Unicode escape")),
+            "result_not_storable",
+        ),
+    ],
+)
+def test_a_step_that_raises_fails_the_task_and_refunds(
+    db: Database, org: Org, monkeypatch: pytest.MonkeyPatch, step: str, exc: Exception, code: str
 ) -> None:
     task_id = submit(db, org, webhook_url="https://hooks.example/x")
-
-    def broken(*_a: Any, **_k: Any) -> Any:
-        raise RecursionError("maximum recursion depth exceeded")
-
-    monkeypatch.setattr(lifecycle, "claim", broken)
+    monkeypatch.setattr(lifecycle, step, raising(exc))
     outcome = run.execute(db, REGISTRY, RUN, task_id)
     assert outcome.recorded and outcome.status == "failed"
     assert outcome.delivery_id is not None  # the task.failed event is sent like any other
-    _assert_failed_and_refunded(db, org, task_id, "claim_failed")
-
-
-def test_a_record_that_raises_fails_the_task_and_refunds(
-    db: Database, org: Org, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from sqlalchemy.exc import DataError
-
-    task_id = submit(db, org)
-
-    def broken(*_a: Any, **_k: Any) -> Any:
-        raise DataError("INSERT", {}, ValueError("unsupported Unicode escape sequence"))
-
-    monkeypatch.setattr(lifecycle, "record_result", broken)
-    outcome = run.execute(db, REGISTRY, RUN, task_id)
-    assert outcome.recorded and outcome.status == "failed"
-    _assert_failed_and_refunded(db, org, task_id, "result_not_storable")
+    _assert_failed_and_refunded(db, org, task_id, code)
 
 
 def test_a_database_that_is_away_is_still_retried_not_failed(
@@ -460,10 +459,11 @@ def test_a_database_that_is_away_is_still_retried_not_failed(
 
     task_id = submit(db, org)
 
-    def away(*_a: Any, **_k: Any) -> Any:
-        raise OperationalError("SELECT", {}, ConnectionError("server closed the connection"))
-
-    monkeypatch.setattr(lifecycle, "claim", away)
+    monkeypatch.setattr(
+        lifecycle,
+        "claim",
+        raising(OperationalError("SELECT", {}, ConnectionError("server closed the connection"))),
+    )
     with pytest.raises(OperationalError):
         run.execute(db, REGISTRY, RUN, task_id)
     assert task_row(db, task_id).status == "queued"
