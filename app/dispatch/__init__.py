@@ -139,7 +139,7 @@ class Dispatch:
             )
 
     def _publish(self, task_ids: Iterable[str]) -> int:
-        """Publish a run message per released task; a failed publish comes back at lease expiry."""
+        """Publish a run message per released task; a task whose publish failed is given back."""
         sent = 0
         for task_id in task_ids:
             try:
@@ -147,7 +147,11 @@ class Dispatch:
                 sent += 1
             except Exception as exc:
                 log.warning(
-                    "publish failed; the task is released again when its lease expires",
+                    "publish failed; the task goes back to the front of its list",
                     extra={"event": "task.publish_failed", "task_id": task_id, "error": type(exc).__name__},
                 )
+                # Left leased, it would hold a slot and the room of a ready
+                # task until its release lease (5 min) expired.
+                with contextlib.suppress(redis.RedisError, RuntimeError):
+                    self.state.give_back(task_id)
         return sent

@@ -11,6 +11,7 @@ from :data:`PREFIX`, runs on one node unchanged.
 ``{waybill}:leases``         zset task id -> lease expiry (ms) of every released task
 ``{waybill}:leases:{org}``   the same, per organization: its ZCARD is its running count
 ``{waybill}:lease:org``      hash task id -> organization
+``{waybill}:ready``          set of released tasks no worker has started yet (the step's room)
 ``{waybill}:climit``         hash organization -> concurrency limit
 ``{waybill}:epoch``          present while the state above is whole; gone = Redis lost it
 ``{waybill}:drain``          hash organization -> "rate:ms", its recent release rate (for Retry-After)
@@ -26,6 +27,7 @@ RING_MEMBERS = PREFIX + "ring:members"
 KNOWN = PREFIX + "known"
 LEASES = PREFIX + "leases"
 LEASE_ORG = PREFIX + "lease:org"
+READY = PREFIX + "ready"
 CLIMIT = PREFIX + "climit"
 EPOCH = PREFIX + "epoch"
 DRAIN = PREFIX + "drain"

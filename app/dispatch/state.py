@@ -19,7 +19,6 @@ from typing import Any
 import redis
 
 from app.dispatch import keys
-from app.queues import TASKS_QUEUE
 
 log = logging.getLogger("waybill.dispatch")
 
@@ -35,7 +34,7 @@ ENQUEUE, STEP, RENEW, RELEASE = (_script(n) for n in ("enqueue", "step", "renew"
 
 @dataclass(frozen=True)
 class DispatchSettings:
-    queue_target: int = 8  # Celery `tasks` messages kept ready for the workers
+    queue_target: int = 8  # tasks released and not yet started, kept ready for the workers
     release_lease_seconds: float = 300.0  # a released task's lease until a worker claims it
     max_release: int = 100
 
@@ -89,7 +88,7 @@ class Dispatcher:
 
     def finish_and_step(self, task_id: str, *, notify: tuple[str, str] | None = None) -> list[str]:
         """A run's end in one round trip: free its slot, publish ``notify`` (channel, message), step."""
-        release_keys = [keys.LEASES, keys.LEASE_ORG, keys.KNOWN]
+        release_keys = [keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY]
 
         def before(pipe: Any) -> None:
             pipe.evalsha(self._release.sha, len(release_keys), *release_keys, task_id, keys.PREFIX, "")
@@ -137,7 +136,7 @@ class Dispatcher:
         return released
 
     def step(self, now: float | None = None) -> list[str]:
-        """Release tasks in fair order while the Celery queue has room; returns their ids."""
+        """Release tasks in fair order while fewer than the target wait for a worker; returns their ids."""
         step_keys, args = self._step_call(now)
         return _ids(self._step(keys=step_keys, args=args))
 
@@ -150,7 +149,7 @@ class Dispatcher:
             keys.CLIMIT,
             keys.LEASES,
             keys.LEASE_ORG,
-            TASKS_QUEUE,  # kombu's Redis transport keeps a queue in a list of its name
+            keys.READY,
             keys.DRAIN,
         ]
         args: list[str | int] = [
@@ -164,13 +163,27 @@ class Dispatcher:
         return step_keys, args
 
     def renew(self, task_id: str, lease_seconds: float) -> bool:
+        """Extend a task's lease (and count it as started); False when it holds none."""
         expiry = int((time.time() + lease_seconds) * 1000)
-        return bool(self._renew(keys=[keys.LEASES, keys.LEASE_ORG], args=[task_id, expiry, keys.PREFIX]))
+        return bool(
+            self._renew(keys=[keys.LEASES, keys.LEASE_ORG, keys.READY], args=[task_id, expiry, keys.PREFIX])
+        )
+
+    def give_back(self, task_id: str) -> None:
+        """A released task whose run message could not be published: its lease ends now.
+
+        The next step puts it back at the front of its organization's list
+        and releases it again; until then it no longer takes the room of a
+        task waiting for a worker.
+        """
+        self.renew(task_id, -1.0)
 
     def release(self, task_id: str, org_id: str = "", *, client: Any = None) -> None:
         """Forget a task: free its slot, or take it out of its waiting list."""
         self._release(
-            keys=[keys.LEASES, keys.LEASE_ORG, keys.KNOWN], args=[task_id, keys.PREFIX, org_id], client=client
+            keys=[keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY],
+            args=[task_id, keys.PREFIX, org_id],
+            client=client,
         )
 
     def drain_rate(self, org_id: str, now: float | None = None) -> float:

@@ -14,7 +14,6 @@ from app.dispatch import Dispatch, Dispatcher, DispatchSettings, keys
 from app.dispatch.state import DRAIN_TAU_SECONDS
 from app.models import Task
 from app.models.base import utcnow
-from app.queues import TASKS_QUEUE
 from app.services import submission, sweep
 from app.services.task_types import Registry
 from app.usecases import recovery
@@ -47,12 +46,35 @@ def test_a_newcomer_waits_one_turn_not_the_backlog(r: fakeredis.FakeRedis) -> No
     d = make(r, target=2)
     for i in range(1000):
         d.enqueue("A", f"a{i}", 100)
-    assert d.step() == ["a0", "a1"]
-    r.rpush(TASKS_QUEUE, "m1", "m2")  # the two messages wait in Celery's queue
+    assert d.step() == ["a0", "a1"]  # two released, no worker has started them yet
     d.enqueue("B", "b0", 100)
-    assert d.step() == []  # the Celery queue is at its target: nothing more is released
-    r.lpop(TASKS_QUEUE, 2)  # the workers took both
+    assert d.step() == []  # the target of ready tasks is reached: nothing more is released
+    assert d.renew("a0", 60)
+    assert d.renew("a1", 60)  # the workers started both
     assert d.step() == ["a2", "b0"]  # one turn of the ring, not A's 997 waiting tasks
+
+
+def test_the_room_is_released_tasks_no_worker_has_started(r: fakeredis.FakeRedis) -> None:
+    """Whatever the broker: dispatch counts what it released, not a queue's length."""
+    d = make(r, target=3)
+    for i in range(10):
+        d.enqueue("A", f"a{i}", 100)
+    assert d.step() == ["a0", "a1", "a2"]
+    assert r.scard(keys.READY) == 3
+    d.release("a0")  # finished (or canceled) before its first renewal
+    assert d.step() == ["a3"]
+    d.give_back("a1")  # its run message could not be published
+    assert r.scard(keys.READY) == 2
+    # The next step puts a1 back in front and releases it again, then a4.
+    assert d.step() == ["a1"]
+    assert d.renew("a2", 60) and d.renew("a3", 60)
+    assert d.step() == ["a4", "a5"]
+    now = time.time()
+    # Every lease expired (no worker renewed): all five back in front, three
+    # released again, and the room counts only those three.
+    again = d.step(now + 400)
+    assert len(again) == 3 and set(again) <= {"a1", "a2", "a3", "a4", "a5"}
+    assert {m.decode() for m in cast(set[bytes], r.smembers(keys.READY))} == set(again)
 
 
 def test_concurrency_limit_counts_unexpired_leases(r: fakeredis.FakeRedis) -> None:
@@ -117,8 +139,10 @@ def test_enqueue_steps_and_publishes_and_the_sweep_confirms_it(
         second = submission.submit(s, org.id, submission.SubmitRequest(type="echo"), registry=registry)
     assert Dispatch(lambda: d, publisher).enqueue(first.task.id, org.id, first.concurrency_limit)
     assert publisher.tasks == [first.task.id]
-    # The second only waits in Redis: the tasks queue has no room for it.
-    r.rpush(TASKS_QUEUE, *[f"filler-{i}" for i in range(d.settings.queue_target)])
+    # The second only waits in Redis: as many tasks as the target wait for a worker.
+    for i in range(d.settings.queue_target - 1):
+        d.enqueue("filler", f"filler-{i}", 100)
+    assert len(d.step()) == d.settings.queue_target - 1
     assert Dispatch(lambda: d, publisher).enqueue(second.task.id, org.id, second.concurrency_limit)
     assert publisher.tasks == [first.task.id]
     with db.session() as s:
@@ -131,7 +155,7 @@ def test_enqueue_steps_and_publishes_and_the_sweep_confirms_it(
         assert s.get(Task, second.task.id).dispatched_at is not None  # type: ignore[union-attr]
         assert sweep.unconfirmed(s, grace_seconds=0, now=utcnow() + timedelta(seconds=1)) == []
     assert d.step() == []
-    r.delete(TASKS_QUEUE)
+    d.release(first.task.id)
     assert d.step() == [second.task.id]
 
 
@@ -207,8 +231,7 @@ def test_enqueue_and_step_is_enqueue_then_step(r: fakeredis.FakeRedis) -> None:
     d = make(r, target=2)
     assert d.enqueue_and_step("A", "a0", 5) == ["a0"]
     assert d.enqueue_and_step("A", "a0", 5) == []  # leased already: not enqueued twice
-    assert d.enqueue_and_step("B", "b0", 5) == ["b0"]
-    r.rpush(TASKS_QUEUE, "m1", "m2")  # the Celery queue is at its target
+    assert d.enqueue_and_step("B", "b0", 5) == ["b0"]  # two ready tasks: the target
     r.script_flush()
     assert d.enqueue_and_step("A", "a1", 5) == []
     assert r.lrange(keys.waiting_key("A"), 0, -1) == [b"a1"]
@@ -220,10 +243,14 @@ def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.Fa
         d.enqueue("A", f"a{i}", 10)
     leased = d.step()  # Redis knows the step script now, but not the release script
     assert leased == ["a0", "a1"]
+    # Workers started both (their renewal, done without a script here, so
+    # that Redis still does not know the release script): room for two more.
+    r.srem(keys.READY, "a0", "a1")
     # The pipeline's release fails (NOSCRIPT) while its step releases two
-    # more; then it loads the scripts and runs again: every released id is
-    # returned for publishing, none is left leased without a message.
+    # more (a2, a3); then it loads the scripts and runs again (a0 released,
+    # the target reached again): every released id is returned for
+    # publishing, none is left leased without a message.
     leased += d.finish_and_step("a0")
-    assert leased == ["a0", "a1", "a2", "a3", "a4"]
+    assert leased == ["a0", "a1", "a2", "a3"]
     members = cast(list[bytes], r.zrange(keys.LEASES, 0, -1))  # bytes: no decode_responses
-    assert sorted(m.decode() for m in members) == ["a1", "a2", "a3", "a4"]
+    assert sorted(m.decode() for m in members) == ["a1", "a2", "a3"]

@@ -1,9 +1,11 @@
 -- One dispatch step: requeue the tasks of expired leases at the front of their
 -- organization's list, then take organizations from the ring in turn, skip those
--- at their concurrency limit, pop one task of each and lease it, until the Celery
--- queue holds its target or nothing can be released.
+-- at their concurrency limit, pop one task of each and lease it, until the
+-- released tasks that no worker has started yet reach the target or nothing can
+-- be released. That count is kept here, not read from the broker, so dispatch
+-- works the same whether Celery's queues live in Redis or in RabbitMQ.
 -- KEYS[1] ring   KEYS[2] ring members   KEYS[3] known   KEYS[4] concurrency limits
--- KEYS[5] leases   KEYS[6] lease -> organization   KEYS[7] the Celery tasks queue
+-- KEYS[5] leases   KEYS[6] lease -> organization   KEYS[7] ready (released, not started)
 -- KEYS[8] drain rates
 -- ARGV[1] now (ms)   ARGV[2] lease (ms)   ARGV[3] queue target   ARGV[4] max released
 -- ARGV[5] key prefix, from which the per-organization keys are derived (they
@@ -40,12 +42,13 @@ for i = #expired, 1, -1 do
   local org = redis.call('HGET', KEYS[6], task)
   redis.call('ZREM', KEYS[5], task)
   redis.call('HDEL', KEYS[6], task)
+  redis.call('SREM', KEYS[7], task)
   if org then
     redis.call('ZREM', prefix .. 'leases:' .. org, task)
     requeue(org, task)
   end
 end
-local room = tonumber(ARGV[3]) - redis.call('LLEN', KEYS[7])
+local room = tonumber(ARGV[3]) - redis.call('SCARD', KEYS[7])
 local maxr = tonumber(ARGV[4])
 local released = {}
 local n = redis.call('LLEN', KEYS[1])
@@ -63,6 +66,7 @@ while room > 0 and #released < maxr and n > 0 and idle < n do
       redis.call('ZADD', lk, now + lease, task)
       redis.call('ZADD', KEYS[5], now + lease, task)
       redis.call('HSET', KEYS[6], task, org)
+      redis.call('SADD', KEYS[7], task)
       released[#released + 1] = task
       drained(org)
       room = room - 1
