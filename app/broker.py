@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from celery import Celery
 
-from app.queues import DELIVER_WEBHOOK, RUN_TASK, TASKS_QUEUE, WEBHOOKS_QUEUE
+from app.queues import DELIVER_WEBHOOK, MAINTENANCE_QUEUE, RUN_TASK, TASKS_QUEUE, WEBHOOKS_QUEUE
 
 
 class CeleryPublisher:
@@ -22,3 +24,28 @@ class CeleryPublisher:
     def revoke(self, task_id: str) -> None:
         """Best effort: stop a running task's process; its result is discarded anyway."""
         self.celery.control.revoke(task_id, terminate=True, signal="SIGTERM")
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each of Waybill's queues, read from the broker whichever it is.
+
+        A declare answers on RabbitMQ (the queue's message count) and on
+        kombu's Redis transport (its list's length) alike. Passive on
+        RabbitMQ, where declaring with other arguments than the workers'
+        (quorum) would fail; a queue no worker has declared yet is left out.
+        On Redis a passive declare fails for an empty queue (no list).
+        """
+        depths: dict[str, int] = {}
+        with self.celery.connection_for_read() as conn:
+            passive = conn.transport.driver_type == "amqp"
+            for name in (TASKS_QUEUE, WEBHOOKS_QUEUE, MAINTENANCE_QUEUE):
+                # A channel per queue: RabbitMQ closes the channel of a passive
+                # declare that finds no queue.
+                channel = conn.channel()
+                try:
+                    depths[name] = int(channel.queue_declare(queue=name, passive=passive).message_count)
+                except Exception:
+                    continue
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+        return depths

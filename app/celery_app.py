@@ -6,19 +6,57 @@ from typing import Any
 
 from celery import Celery, Task
 from flask import Flask
+from kombu import Exchange, Queue
 
 from app import queues
+from app.redis_conn import kombu_broker, scheme_of
 from app.transport import broker_transport
 from config import Settings
+
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+
+def is_amqp(broker_url: str) -> bool:
+    return scheme_of(broker_url) in AMQP_SCHEMES
+
+
+def _amqp_config() -> dict[str, Any]:
+    """RabbitMQ: the three queues are quorum queues (replicated, durable, at-least-once).
+
+    Topic exchanges, not the direct ones Celery would create: Celery sends a
+    countdown (a webhook retry, up to 16 minutes) through RabbitMQ's native
+    delayed delivery when the queues are quorum queues, which routes by
+    topic and ignores direct exchanges; the worker would otherwise hold the
+    message itself until it is due. Quorum queues support no global QoS:
+    Celery sees them (worker_detect_quorum_queues) and uses per-consumer
+    prefetch. Publisher confirms make a publish return only once RabbitMQ
+    holds the message.
+    """
+    names = (queues.TASKS_QUEUE, queues.WEBHOOKS_QUEUE, queues.MAINTENANCE_QUEUE)
+    return {
+        "task_queues": [
+            Queue(
+                name,
+                Exchange(name, type="topic", durable=True),
+                routing_key=name,
+                durable=True,
+                queue_arguments={"x-queue-type": "quorum"},
+            )
+            for name in names
+        ],
+        "broker_native_delayed_delivery_queue_type": "quorum",
+        "worker_detect_quorum_queues": True,
+        "broker_transport_options": {"confirm_publish": True, "connect_timeout": 2},
+    }
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     # No placeholder when no broker is configured: a worker, beat or Flower
     # started outside a run used to report a made-up address (127.0.0.1:1)
     # instead of the cause. resolved_redis_url's RuntimeError names REDIS_URL.
-    broker = settings.resolved_redis_url()
+    broker, transport_options = kombu_broker(settings.resolved_broker_url())
     sweep = settings.sweep_interval_seconds
-    return {
+    config: dict[str, Any] = {
         "broker_url": broker,
         # kombu's Redis transport with one publishing client per channel
         # (app/transport.py: 9% of a worker's CPU went to building a client
@@ -34,7 +72,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         # Longer than the longest webhook countdown (16 min) so scheduled
         # retries are not redelivered while a worker still holds them.
-        "broker_transport_options": {"visibility_timeout": 3 * 3600, "socket_connect_timeout": 2},
+        "broker_transport_options": {
+            "visibility_timeout": 3 * 3600,
+            "socket_connect_timeout": 2,
+            **transport_options,
+        },
         # SQL is the source of truth for results; Celery stores none.
         "task_ignore_result": True,
         "result_backend": None,
@@ -80,6 +122,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "include": ["workers.tasks"],
     }
+    if is_amqp(broker):
+        config.update(_amqp_config())
+    return config
 
 
 def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:

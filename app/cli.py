@@ -43,10 +43,11 @@ class CliError(Exception):
 
 
 def _db(settings: Settings) -> Database:
-    url = settings.resolved_database_url()
-    if make_url(url).get_backend_name() == "postgresql":
-        return Database(url, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS})
-    return Database(url)
+    # From the settings, as the app's: behind PgBouncer in transaction mode
+    # the CLI must not prepare statements or SET either.
+    if make_url(settings.resolved_database_url()).get_backend_name() == "postgresql":
+        return Database.from_settings(settings, connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS})
+    return Database.from_settings(settings)
 
 
 def require_database(settings: Settings) -> None:
@@ -126,10 +127,11 @@ def _tell_dispatcher(settings: Settings, org_id: str, limit: int) -> None:
     """The dispatcher reads concurrency limits from Redis; SQL stays the record."""
     import redis
 
+    from app import redis_conn
     from app.dispatch import Dispatcher
 
     try:
-        client = redis.Redis.from_url(settings.resolved_redis_url(), socket_connect_timeout=2)
+        client = redis_conn.connect(settings.resolved_redis_url(), socket_connect_timeout=2)
         Dispatcher(client).set_concurrency_limit(org_id, limit)
     except (RuntimeError, redis.RedisError) as exc:
         print(
@@ -333,7 +335,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"""
 Waybill is starting: API {base}  Flower http://{settings.http_host}:{settings.flower_port}
-Broker {env["REDIS_URL"]}   Database {settings.resolved_database_url()}
+Redis {env["REDIS_URL"]}   Broker {env.get("BROKER_URL") or "the same Redis"}
+Database {settings.resolved_database_url()}
 
 Demo organization {demo["organizationId"]}, API key:
   {demo["apiKey"]}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import redis
 from flask import current_app
 
+from app import redis_conn
 from app.db import Database
 from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher
 from app.services.task_types import Registry
@@ -31,7 +32,7 @@ class Waybill:
         if self.redis_client is None:
             # Short timeouts: a Redis that is down must not hold a request;
             # what could not reach Redis is recovered by the sweep.
-            self.redis_client = redis.Redis.from_url(
+            self.redis_client = redis_conn.connect(
                 self.settings.resolved_redis_url(),
                 socket_connect_timeout=2,
                 socket_timeout=5,

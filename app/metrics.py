@@ -26,8 +26,6 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app import queues
-
 TOP_ORGANIZATIONS = 20
 _LATENCY_BUCKETS = (
     0.005,
@@ -95,10 +93,10 @@ class LiveCollector(Collector):
             "waybill_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
         )
         try:
-            client = self.waybill.redis
-            for queue in (queues.TASKS_QUEUE, queues.WEBHOOKS_QUEUE, queues.MAINTENANCE_QUEUE):
-                depth.add_metric([queue], float(client.llen(queue)))
-        except Exception:  # a scrape must not fail because Redis is away
+            # From the broker (Redis or RabbitMQ), not from the dispatch Redis.
+            for queue, count in self.waybill.publisher.queue_depths().items():
+                depth.add_metric([queue], float(count))
+        except Exception:  # a scrape must not fail because the broker is away
             pass
         yield depth
         yield from self._organizations()

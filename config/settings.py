@@ -30,6 +30,17 @@ class Settings:
     var_dir: str = "./var"
     database_url: str = ""  # empty: an SQLite file under var_dir
     redis_url: str = ""  # empty: the embedded server's URL written under var_dir
+    # The Celery broker: redis://... (and the Sentinel form) or amqp://...
+    # (RabbitMQ, quorum queues). Empty: REDIS_URL. Dispatch state, counters
+    # and the limiter stay on REDIS_URL whichever broker carries the messages.
+    broker_url: str = ""
+    # SQLAlchemy's pool per process (web process, Celery worker process):
+    # at most pool_size + max_overflow connections each (docs/scaling.rst).
+    database_pool_size: int = 5
+    database_max_overflow: int = 10
+    # Set when DATABASE_URL points at PgBouncer in transaction pooling mode:
+    # no server-side prepared statements and no session state (docs/scaling.rst).
+    database_transaction_pooling: bool = False
     webhook_retry_base_seconds: float = 120.0
     webhook_timeout_seconds: float = 10.0
     webhook_allow_private: bool = False
@@ -133,6 +144,10 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.var_path / 'waybill.sqlite3'}"
+
+    def resolved_broker_url(self) -> str:
+        """The Celery broker's URL: ``BROKER_URL``, else the Redis of :meth:`resolved_redis_url`."""
+        return self.broker_url or self.resolved_redis_url()
 
     def resolved_redis_url(self) -> str:
         """The broker URL: ``REDIS_URL``, else the one the local run wrote.

@@ -3,6 +3,7 @@
 import sys
 
 from app import create_app
+from app.redis_conn import kombu_broker
 from config import Settings
 
 
@@ -17,6 +18,7 @@ def _settings() -> Settings:
     try:
         settings = Settings.from_env()
         settings.resolved_redis_url()
+        kombu_broker(settings.resolved_broker_url())  # refuses a Redis Cluster as the broker
     except (ValueError, RuntimeError) as exc:
         sys.exit(f"waybill: {exc}")
     return settings

@@ -11,6 +11,7 @@ ignores ``pytestmark`` in a conftest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Generator, Iterator
@@ -22,6 +23,7 @@ import redis
 from app.db import Database
 from app.embedded_redis import EmbeddedRedis
 from tests.support import Receiver, Stack, empty_tables
+from tests.support.rabbitmq import AMQP_URL_ENV, vhost
 
 # The outcome of a test's call phase, for its fixtures' teardown to read.
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()
@@ -48,13 +50,19 @@ def make_stack(
 ) -> Iterator[Callable[..., Stack]]:
     stacks: list[Stack] = []
     db = Database(migrated)
+    vhosts = contextlib.ExitStack()
 
     def build(redis_url: str | None = None, **env: str) -> Stack:
         url = redis_url or shared_redis_url
         redis.Redis.from_url(url).flushdb()
         empty_tables(db)
+        # TEST_AMQP_URL (CI's RabbitMQ pass): the broker is RabbitMQ, in a
+        # virtual host of this stack's own, the dispatch state stays on Redis.
+        amqp = os.environ.get(AMQP_URL_ENV)
+        broker = {"BROKER_URL": vhosts.enter_context(vhost(amqp))} if amqp else {}
         full_env = {
             **os.environ,
+            **broker,
             "DATABASE_URL": migrated,
             "REDIS_URL": url,
             "VAR_DIR": str(tmp_path / "var"),
@@ -75,6 +83,7 @@ def make_stack(
     yield build
     for stack in stacks:
         stack.stop()
+    vhosts.close()
     report = request.node.stash.get(CALL_REPORT, None)
     if report is not None and report.failed:
         for stack in stacks:
