@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-integration lint format bench chaos clean
+.PHONY: install run test test-unit test-integration test-rabbitmq lint format bench chaos scale clean
 
 $(STAMP): setup.cfg setup.py
 	@$(PYTHON) -c 'import sys; sys.exit("Waybill needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
@@ -36,6 +36,12 @@ test-unit: install
 test-integration: install
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
+# The integration, chaos and scale tests again with RabbitMQ as Celery's broker
+# (each run in a virtual host of its own); .ci/run runs it after `make test`.
+AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+test-rabbitmq: install
+	TEST_AMQP_URL=$(AMQP_URL) $(BIN)/pytest tests/integration tests/chaos tests/scale $(PYTEST_ARGS)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -54,6 +60,16 @@ chaos: install
 	CHAOS_POSTGRES_RESTARTS=$${CHAOS_POSTGRES_RESTARTS:-3} CHAOS_SECONDS=$${CHAOS_SECONDS:-900} \
 	CHAOS_REPORT=$${CHAOS_REPORT:-tests/chaos/last-run.json} \
 	$(BIN)/pytest tests/chaos -s -p no:cacheprovider $(PYTEST_ARGS)
+
+# The long scale run (a short one is part of `make test`): three nodes on
+# PostgreSQL, RabbitMQ and Redis, thousands of tasks, a whole node killed and
+# started again three times. About 5 minutes.
+SCALE_DATABASE_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+scale: install
+	DATABASE_URL=$${DATABASE_URL:-$(SCALE_DATABASE_URL)} TEST_AMQP_URL=$(AMQP_URL) \
+	SCALE_TASKS=$${SCALE_TASKS:-3000} SCALE_NODE_KILLS=$${SCALE_NODE_KILLS:-3} SCALE_SECONDS=$${SCALE_SECONDS:-600} \
+	SCALE_REPORT=$${SCALE_REPORT:-tests/scale/last-run.json} \
+	$(BIN)/pytest tests/scale -s -p no:cacheprovider $(PYTEST_ARGS)
 
 # make bench: the whole suite (under 15 minutes); make bench BENCH_ARGS=--quick: a 2-minute smoke run.
 bench: install

@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from config import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -39,8 +42,21 @@ def _sqlite_begin_deferred(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
-    """An engine; SQLite ``read_only`` engines begin DEFERRED: readers never queue for the write lock."""
+def make_engine(
+    url: str, *, read_only: bool = False, transaction_pooling: bool = False, **kwargs: Any
+) -> Engine:
+    """An engine; SQLite ``read_only`` engines begin DEFERRED: readers never queue for the write lock.
+
+    ``transaction_pooling`` (PostgreSQL only): the URL is PgBouncer's in
+    transaction pooling mode, where consecutive transactions of one client
+    connection may run on different server connections. The engine then
+    keeps nothing on a server connection beyond its transaction: no
+    server-side prepared statements, no SET at connect. Nothing else in
+    Waybill keeps session state: no SET outside SET LOCAL, no advisory locks,
+    no LISTEN/NOTIFY (waiting requests are woken through Redis), no temporary
+    tables, no WITH HOLD cursors; row locks (FOR UPDATE) end with their
+    transaction.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -60,12 +76,36 @@ def make_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> Engine:
         # reads the winner's row) and the conditional UPDATEs of claims and
         # records rely on READ COMMITTED's fresh snapshot per statement.
         # Under REPEATABLE READ the loser's read cannot see the winner's row.
+        #
+        # This holds behind PgBouncer in transaction mode too: it is no session
+        # state. SQLAlchemy's psycopg dialect (set_isolation_level, run by
+        # on_connect) only sets the connection's ``isolation_level``
+        # attribute, and psycopg 3 sends no SET for it: every transaction
+        # starts with "BEGIN ISOLATION LEVEL READ COMMITTED"
+        # (BaseConnection._get_tx_start_command), so each transaction carries
+        # its level to whichever server connection runs it. (Read in
+        # SQLAlchemy 2.1.9 dialects/postgresql/psycopg.py and psycopg 3.3.9
+        # _connection_base.py.)
         kwargs.setdefault("isolation_level", "READ COMMITTED")
+        if transaction_pooling:
+            # psycopg prepares a statement on the server connection after
+            # five executions and then runs it by name. Behind PgBouncer's
+            # transaction mode the next transaction may run on another server
+            # connection ('prepared statement "_pg3_0" does not exist') or on
+            # one where another client prepared that name ('... already
+            # exists'). PgBouncer tracks protocol-level prepared statements
+            # only from 1.21 (max_prepared_statements); Debian 12 has 1.18.
+            # None: never prepare; every execution is planned afresh.
+            kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     engine = create_engine(url, **kwargs)
-    if engine.dialect.name == "postgresql":
+    # Behind transaction pooling the SET would be session state: it stays on
+    # whichever server connection ran it, for other clients to inherit, and
+    # never reaches the others. Nor is it needed there: without prepared
+    # statements there is no plan cache, every statement gets a custom plan.
+    if engine.dialect.name == "postgresql" and not transaction_pooling:
         event.listen(engine, "connect", _postgresql_custom_plans)
     return engine
 
@@ -78,7 +118,8 @@ def _postgresql_custom_plans(dbapi_connection: Any, _record: Any) -> None:
     # statement after a burst of 100,000 submissions, until autovacuum's
     # ANALYZE (docs/performance.rst). Custom plans always pick the primary
     # key; planning these one-table statements costs microseconds. A SET,
-    # not a startup option, so that PgBouncer accepts the connection.
+    # not a startup option, so that PgBouncer (session pooling) accepts the
+    # connection; in transaction pooling make_engine leaves it out.
     dbapi_connection.autocommit = True
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SET plan_cache_mode = force_custom_plan")
@@ -88,9 +129,10 @@ def _postgresql_custom_plans(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """The engine and a session factory, owned by one app or worker process."""
 
-    def __init__(self, url: str, **engine_kwargs: Any) -> None:
+    def __init__(self, url: str, *, transaction_pooling: bool = False, **engine_kwargs: Any) -> None:
         self.url = url
-        self.engine = make_engine(url, **engine_kwargs)
+        self.transaction_pooling = transaction_pooling
+        self.engine = make_engine(url, transaction_pooling=transaction_pooling, **engine_kwargs)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite: a second engine whose transactions begin DEFERRED, for
         # requests that only read (polls, lists, authentication): in WAL mode
@@ -101,6 +143,21 @@ class Database:
         else:
             self.read_engine = self.engine
             self.read_sessionmaker = self.sessionmaker
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_kwargs: Any) -> Database:
+        """The database of ``settings``: its URL, and on PostgreSQL its pool bounds and pooling mode.
+
+        The pool bounds each process (a web process, a Celery pool process) to
+        ``database_pool_size + database_max_overflow`` connections. SQLite
+        keeps SQLAlchemy's own pool: one file, no server to protect.
+        """
+        url = settings.resolved_database_url()
+        if make_url(url).get_backend_name() == "postgresql":
+            engine_kwargs.setdefault("pool_size", settings.database_pool_size)
+            engine_kwargs.setdefault("max_overflow", settings.database_max_overflow)
+            engine_kwargs.setdefault("transaction_pooling", settings.database_transaction_pooling)
+        return cls(url, **engine_kwargs)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -37,7 +37,7 @@ def create_app(
     celery = celery_init_app(flask_app, settings)
     flask_app.extensions["waybill"] = Waybill(
         settings=settings,
-        db=db or Database(settings.resolved_database_url()),
+        db=db or Database.from_settings(settings),
         registry=registry or Registry.from_entry_points(),
         publisher=publisher or CeleryPublisher(celery),
         redis_client=redis_client,

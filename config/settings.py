@@ -36,8 +36,9 @@ class Settings:
     broker_url: str = ""
     # SQLAlchemy's pool per process (web process, Celery worker process):
     # at most pool_size + max_overflow connections each (docs/scaling.rst).
+    # 16 in all: a web process's 16 threads each hold one at a time.
     database_pool_size: int = 5
-    database_max_overflow: int = 10
+    database_max_overflow: int = 11
     # Set when DATABASE_URL points at PgBouncer in transaction pooling mode:
     # no server-side prepared statements and no session state (docs/scaling.rst).
     database_transaction_pooling: bool = False

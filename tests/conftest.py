@@ -20,10 +20,29 @@ from sqlalchemy import text
 
 from app import create_app
 from app.db import Database
+from app.embedded_redis import EmbeddedRedis
 from app.migrate import upgrade
 from app.models import Base
 from config import Settings
 from tests.support import Org, empty_tables, make_org
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url() -> Iterator[str]:
+    """A real Redis for tests that start processes.
+
+    ``REDIS_URL`` when CI gives one (a database index of our own), else an embedded server.
+    """
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"waybill-test-redis-{os.getpid()}", persist=False
+    )
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")

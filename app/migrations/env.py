@@ -19,7 +19,8 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = make_engine(url)
+    # Behind PgBouncer in transaction mode, migrations keep no session state either.
+    engine = make_engine(url, transaction_pooling=Settings.from_env().database_transaction_pooling)
     with engine.connect() as connection:
         # Batch mode lets later migrations ALTER tables on SQLite too.
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)

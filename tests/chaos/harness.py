@@ -44,6 +44,7 @@ from app.models import CreditEntry, Organization, Task, WebhookAttempt, WebhookD
 from app.services import organizations
 from config.settings import Settings
 from tests.processes import Process as Proc
+from tests.support.rabbitmq import AMQP_URL_ENV, rabbitmqctl, vhost, vhost_of
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ChaosConfig:
     # at a time: some still wait, confirmed by the sweep, when Redis goes back.
     rollback_backlog: int = 30
     postgres_restarts: int = 1
+    # With RabbitMQ as the broker (TEST_AMQP_URL): every connection of the
+    # run's virtual host closed by the broker, workers' and publishers' alike.
+    broker_disconnects: int = 1
     crash_after_commit: float = 0.02
     webhook_share: float = 0.3
     # Hostile submissions, as a share of `tasks` (at least one of each kind when above 0).
@@ -504,12 +508,14 @@ def unrepaired(server: EmbeddedRedis, db: Database, task_ids: list[str]) -> list
 @dataclass
 class Report:
     database: str = ""
+    broker: str = "redis"
     tasks_accepted: int = 0
     worker_kills: int = 0
     child_kills: int = 0
     redis_restarts: int = 0
     redis_rollbacks: int = 0
     postgres_restarts: int = 0
+    broker_disconnects: int = 0
     web_crashes: int = 0
     supervisor_restarts: int = 0
     cancels: int = 0
@@ -579,7 +585,7 @@ class Report:
         return (
             f"{self.tasks_accepted} tasks, {self.worker_kills + self.child_kills} worker kills, "
             f"{self.redis_restarts} Redis restarts, {self.redis_rollbacks} Redis rollbacks, "
-            f"{self.postgres_restarts} PostgreSQL restarts, "
+            f"{self.postgres_restarts} PostgreSQL restarts, {self.broker_disconnects} broker disconnects, "
             f"{self.supervisor_restarts} supervisor restarts, {self.cancels} cancels, "
             f"{self.web_crashes} web crashes after commit: {self.lost + self.not_final} lost, "
             f"{self.duplicate_results} duplicate results, {self.double_charges} double charges, "
@@ -634,8 +640,14 @@ def _platform(root: Path, cfg: ChaosConfig) -> Iterator[dict[str, Any]]:
     upgrade(url)
     redis = EmbeddedRedis(root / "redis", persist=False).start()
     receiver = Receiver(slow_seconds=3.0)
+    # TEST_AMQP_URL: Celery's broker is RabbitMQ (a virtual host of the run's
+    # own); Redis, restarted and rolled back below, then holds dispatch only.
+    amqp = os.environ.get(AMQP_URL_ENV)
+    vhosts = contextlib.ExitStack()
+    broker = {"BROKER_URL": vhosts.enter_context(vhost(amqp, "waybill-chaos"))} if amqp else {}
     env = {
         **os.environ,
+        **broker,
         "DATABASE_URL": url,
         "REDIS_URL": redis.url,
         "VAR_DIR": str(root / "var"),
@@ -752,12 +764,14 @@ def _platform(root: Path, cfg: ChaosConfig) -> Iterator[dict[str, Any]]:
             "base": base,
             "root": root,
             "env": env,
+            "broker": broker,
         }
     finally:
         for proc in procs.values():
             proc.stop()
         receiver.close()
         redis.stop()
+        vhosts.close()
         if pg is not None:
             pg.remove()
 
@@ -768,6 +782,7 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
     report = Report()
     with _platform(root, cfg) as p:
         report.database = "postgresql" if p["pg"] else "sqlite"
+        report.broker = "rabbitmq" if p["broker"] else "redis"
         db = Database(p["url"])
         with db.session() as s:
             created = organizations.create_organization(
@@ -886,6 +901,7 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
             + ["child"] * cfg.child_kills
             + ["redis"] * cfg.redis_restarts
             + (["postgres"] * cfg.postgres_restarts if p["pg"] else [])
+            + (["broker"] * cfg.broker_disconnects if "BROKER_URL" in p["broker"] else [])
         )
         rng.shuffle(faults)
         # A rollback is a pair: a snapshot, then, once the workload has gone on
@@ -990,6 +1006,15 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
                 redis.process = restarted.process
                 report.redis_restarts += 1
                 note("Redis restarted empty")
+            elif fault == "broker":
+                # RabbitMQ drops every connection of the run's virtual host:
+                # unacknowledged messages go back to their queues, workers
+                # and publishers reconnect.
+                rabbitmqctl(
+                    "close_all_connections", "-p", vhost_of(p["broker"]["BROKER_URL"]), "waybill chaos"
+                )
+                report.broker_disconnects += 1
+                note("RabbitMQ closed every connection")
             elif fault == "postgres":
                 p["pg"].stop("fast")
                 time.sleep(2.0)
@@ -1027,7 +1052,7 @@ def run_chaos(root: Path, cfg: ChaosConfig) -> Report:
         report.seconds = round(time.monotonic() - started, 1)
         report.web_crashes = (root / "web.log").read_text(errors="replace").count("exited with code 70")
         accepted_ids = [*accepted.values(), *poison_ids, *backlog.values()]
-        _check(report, db, org_ids, accepted_ids, p["receiver"])
+        check_books(report, db, org_ids, accepted_ids, p["receiver"])
         _check_poison(report, db, poison_org_id, poisoned, p["receiver"])
         logs = "".join(Path(proc.log_path).read_text(errors="replace") for proc in procs.values())
         # A result is recorded once per task: the workers' "task.finished" lines say so.
@@ -1066,7 +1091,7 @@ def _confirmed_waiting(db: Database, org_id: str) -> int:
         )
 
 
-def _check(
+def check_books(
     report: Report,
     db: Database,
     org_ids: list[str],
@@ -1147,7 +1172,7 @@ def _check_poison(
 ) -> None:
     """Each hostile submission got its kind's answer; the refused ones left nothing behind.
 
-    Lost, unfinished, double-charged accepted ones are :func:`_check`'s
+    Lost, unfinished, double-charged accepted ones are :func:`check_books`'s
     (their organization is among its own); this checks what is particular
     to them. Call after ``report.web_crashes`` is known.
     """

@@ -1,7 +1,8 @@
 """The chaos run (see tests/chaos/harness.py). ``make test`` runs a short one; ``make chaos`` a long one.
 
 Scale with CHAOS_TASKS, CHAOS_WORKER_KILLS, CHAOS_CHILD_KILLS, CHAOS_REDIS_RESTARTS,
-CHAOS_REDIS_ROLLBACKS, CHAOS_POSTGRES_RESTARTS, CHAOS_POISON_SHARE (hostile submissions,
+CHAOS_REDIS_ROLLBACKS, CHAOS_POSTGRES_RESTARTS, CHAOS_BROKER_DISCONNECTS (RabbitMQ only:
+TEST_AMQP_URL makes RabbitMQ the broker), CHAOS_POISON_SHARE (hostile submissions,
 as a share of CHAOS_TASKS), CHAOS_SECONDS.
 """
 
@@ -31,6 +32,7 @@ def _config() -> ChaosConfig:
         postgres_restarts=int(
             env.get("CHAOS_POSTGRES_RESTARTS", "1" if os.environ.get("DATABASE_URL") else "0")
         ),
+        broker_disconnects=int(env.get("CHAOS_BROKER_DISCONNECTS", "1")),
         poison_share=float(env.get("CHAOS_POISON_SHARE", "0.05")),
         max_seconds=float(env.get("CHAOS_SECONDS", "150")),
     )

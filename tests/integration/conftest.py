@@ -29,21 +29,6 @@ from tests.support.rabbitmq import AMQP_URL_ENV, vhost
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()
 
 
-@pytest.fixture(scope="session")
-def shared_redis_url() -> Iterator[str]:
-    """``REDIS_URL`` when CI gives one (a database index of our own), else an embedded server."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    server = EmbeddedRedis(
-        Path(os.environ.get("TMPDIR", "/tmp")) / f"waybill-test-redis-{os.getpid()}", persist=False
-    )
-    server.start()
-    yield server.url
-    server.stop()
-
-
 @pytest.fixture
 def make_stack(
     request: pytest.FixtureRequest, tmp_path: Path, migrated: str, shared_redis_url: str

@@ -33,6 +33,10 @@ def with_vhost(base_url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
 
 
+def vhost_of(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
 @contextlib.contextmanager
 def vhost(base_url: str, prefix: str = "waybill-test") -> Iterator[str]:
     """A new virtual host on the RabbitMQ of ``base_url`` (its user gets every right); its URL."""
