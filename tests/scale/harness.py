@@ -154,11 +154,13 @@ def _submit(
     report: ScaleReport,
     stop_at: float,
     rng: random.Random,
+    pace: float = 0.0,
 ) -> None:
     """Each body to some node, under its idempotency key; no answer: the same request to another."""
     s = requests.Session()
     s.headers["Authorization"] = f"Bearer {api_key}"
     for body in bodies:
+        time.sleep(pace)
         node = rng.randrange(len(bases))
         while time.monotonic() < stop_at:
             try:
@@ -214,36 +216,33 @@ def run_scale(root: Path, cfg: ScaleConfig, env: dict[str, str], db: Database) -
             steady_bodies = _bodies("steady", cfg.tasks // 3, receiver.url, rng, hooks=0.5)
 
             def senders(
-                org: Org, bodies: list[dict[str, Any]], count: int, seed: int
+                org: Org, bodies: list[dict[str, Any]], count: int, seed: int, pace: float = 0.0
             ) -> list[threading.Thread]:
                 return [
                     threading.Thread(
                         target=_submit,
-                        args=(
-                            bases,
-                            org.api_key,
-                            bodies[k::count],
-                            accepted,
-                            report,
-                            stop_at,
-                            random.Random(seed + k),
-                        ),
+                        args=(bases, org.api_key, bodies[k::count], accepted, report, stop_at),
+                        kwargs={"rng": random.Random(seed + k), "pace": pace},
                         daemon=True,
                     )
                     for k in range(count)
                 ]
 
-            threads = senders(big, big_bodies, cfg.clients, 100) + senders(steady, steady_bodies, 2, 200)
+            threads = senders(big, big_bodies, cfg.clients, 100)
             for t in threads:
                 t.start()
-            for t in threads[: cfg.clients]:  # the big backlog is in
+            for t in threads:  # the big backlog is in
                 t.join(max(1.0, stop_at - time.monotonic()))
+            # Then, while the nodes die: a steady stream (paced so that it
+            # outlasts a node's death, whose submissions go to another node)
+            # and the late organization's few tasks.
             late_bodies = [
                 {"idempotencyKey": f"late-{i}", "type": "sleep", "input": {"seconds": 0.05}}
                 for i in range(12)
             ]
-            late_threads = senders(late, late_bodies, 4, 300)
-            for t in late_threads:
+            pace = (cfg.down_seconds + 3.0) * cfg.node_kills * 2 / max(1, len(steady_bodies))
+            threads = senders(steady, steady_bodies, 2, 200, pace) + senders(late, late_bodies, 4, 300)
+            for t in threads:
                 t.start()
             # Whole nodes die (never the first: its beat and API stay) and come back.
             for k in range(cfg.node_kills):
@@ -255,7 +254,7 @@ def run_scale(root: Path, cfg: ScaleConfig, env: dict[str, str], db: Database) -
                 time.sleep(cfg.down_seconds)
                 victim.start_again()
                 report.timeline.append(f"{time.monotonic() - started:.1f} s {victim.name} started again")
-            for t in threads + late_threads:
+            for t in threads:
                 t.join(max(1.0, stop_at - time.monotonic() + 10))
             report.tasks_accepted = len(accepted)
             org_ids = [big.id, steady.id, late.id]
