@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 from celery import Celery
 
@@ -12,6 +13,24 @@ from app.queues import DELIVER_WEBHOOK, MAINTENANCE_QUEUE, RUN_TASK, TASKS_QUEUE
 class CeleryPublisher:
     def __init__(self, celery: Celery) -> None:
         self.celery = celery
+        self._whole_seconds: bool | None = None
+
+    def _countdown(self, countdown: float | None) -> float | None:
+        """On RabbitMQ, a countdown in whole seconds, at least one.
+
+        With quorum queues Celery sends countdowns through RabbitMQ's native
+        delayed delivery, whose routing key encodes whole seconds, and kombu
+        refuses a countdown under one second (ValueError from
+        calculate_routing_key): a retry due in 0.5 s would never be sent.
+        Rounding up keeps "not before"; the real schedule (minutes) is unchanged.
+        """
+        if not countdown or countdown <= 0:
+            return None
+        if self._whole_seconds is None:
+            from app.celery_app import is_amqp
+
+            self._whole_seconds = is_amqp(str(self.celery.conf.broker_url or ""))
+        return float(math.ceil(countdown)) if self._whole_seconds else countdown
 
     def run_task(self, task_id: str) -> None:
         # The Celery id is the task id: Flower and `celery inspect` show a
@@ -19,7 +38,9 @@ class CeleryPublisher:
         self.celery.send_task(RUN_TASK, args=[task_id], queue=TASKS_QUEUE, task_id=task_id)
 
     def deliver_webhook(self, delivery_id: str, countdown: float | None = None) -> None:
-        self.celery.send_task(DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOKS_QUEUE, countdown=countdown)
+        self.celery.send_task(
+            DELIVER_WEBHOOK, args=[delivery_id], queue=WEBHOOKS_QUEUE, countdown=self._countdown(countdown)
+        )
 
     def revoke(self, task_id: str) -> None:
         """Best effort: stop a running task's process; its result is discarded anyway."""
