@@ -12,6 +12,9 @@ Runs, on SQLite and on PostgreSQL (``BENCH_POSTGRES_URL``, default
                      (and, in turn with it, of an organization with nothing waiting)
 * ``memory``         peak RSS of web and Celery workers, growth after warm-up (PostgreSQL; it gets the
                      time left in the budget, up to ``--memory-tasks`` tasks)
+* ``capacity``       per core: submissions, tasks and deliveries per CPU second, SQL commits, Redis
+                     commands and broker messages per task, on the Redis and the RabbitMQ broker
+                     (PostgreSQL; after memory, outside the budget, about 3 minutes; not in ``--quick``)
 
 then prints every ratio against its target and writes ``bench/results/summary.json``
 and ``summary.png`` (plus one JSON and PNG per benchmark).
@@ -37,7 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import latency, memory, processing, queue_latency, submission, webhooks
+from bench import capacity, latency, memory, processing, queue_latency, submission, webhooks
 from bench.harness import DB_KINDS, write_results
 from bench.report import Target, summary_chart, table
 
@@ -54,6 +57,7 @@ def sizes(quick: bool) -> dict[str, dict[str, Any]]:
             "webhooks": {"count": 100},
             "queue_latency": {"n": 60, "count": 10_000},
             "memory": {"tasks": 600, "max_seconds": 18.0},
+            "capacity": {"submissions": 300, "webhooks": 100, "background_s": 2.0},
         }
     return {
         "submission": {"clients": 16, "window": 6.0, "rounds": 2, "web_workers": (2, 1)},
@@ -62,6 +66,7 @@ def sizes(quick: bool) -> dict[str, dict[str, Any]]:
         "webhooks": {"count": 1000},
         "queue_latency": {"n": 400, "count": 100_000},
         "memory": {"tasks": 50_000, "max_seconds": 3600.0},
+        "capacity": {"submissions": 1500, "webhooks": 400, "background_s": 5.0},
     }
 
 
@@ -323,8 +328,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["submission", "processing", "latency", "webhooks", "queue_latency", "memory"],
-        help="run only these benchmarks",
+        choices=["submission", "processing", "latency", "webhooks", "queue_latency", "memory", "capacity"],
+        help="run only these benchmarks (capacity: PostgreSQL, Redis and RabbitMQ brokers; not in --quick)",
     )
     parser.add_argument("--log-level", default="INFO", help="Waybill's LOG_LEVEL (production default INFO)")
     args = parser.parse_args()
@@ -346,6 +351,8 @@ def main() -> None:
     if memory_db not in kinds and args.db not in (None, "both"):
         memory_db = kinds[0]
     wanted = set(args.only or ["submission", "processing", "latency", "webhooks", "queue_latency", "memory"])
+    if not args.quick and not args.only:
+        wanted.add("capacity")  # after memory, outside its budget: about 3 minutes more
     env = {"LOG_LEVEL": args.log_level}
     load_before = os.getloadavg()
     print(
@@ -390,6 +397,16 @@ def main() -> None:
             )
         )
 
+    if "capacity" in wanted:
+        for broker in capacity.available():
+            results["capacity"].append(
+                attempt(
+                    "capacity",
+                    f"postgresql, {broker} broker",
+                    partial(capacity.run, broker, **size["capacity"], **env),
+                )
+            )
+
     # Each benchmark's own table, JSON and chart, then the summary.
     printers: dict[str, Any] = {
         "submission": submission,
@@ -404,6 +421,10 @@ def main() -> None:
             module.print_results(good)
             module.chart(good)
             write_results(name, {"results": good})
+    cap = [r for r in results.get("capacity", []) if "error" not in r]
+    if cap:
+        capacity.print_results(cap)
+        write_results("capacity", {"results": cap})
     ql = [r for r in results.get("queue_latency", []) if "error" not in r]
     if ql:
         queue_latency.print_results(ql, ql_n, ql_count)
