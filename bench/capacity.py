@@ -658,6 +658,64 @@ def print_results(results: list[dict[str, Any]]) -> None:
             print(f"WARNING {r['broker']}: {r['warning']}")
 
 
+# The capacity model of docs/scaling.rst: what a rate of tasks per second
+# needs, from one run's measured figures. Every task has a webhook (the
+# heavier case), handlers cost nothing of their own (add theirs), processes
+# run at most at UTILISATION of their cores, a node gives NODE_CORES cores to
+# Waybill's processes.
+RATES = (1_000, 10_000)
+UTILISATION = 0.7
+NODE_CORES = 8
+
+
+def capacity_model(r: dict[str, Any], rate: float) -> dict[str, float]:
+    def f(phase: str, key: str) -> float:
+        return float(r.get(phase, {}).get(key) or 0.0)
+
+    both, hook = "submit_and_run_per_task", "webhooks"
+    cores = {
+        "web": rate * f("submission", "cpu_ms_per_unit") / 1000 / UTILISATION,
+        "tasks": rate * f("tasks", "cpu_ms_per_unit") / 1000 / UTILISATION,
+        "webhooks": rate * f(hook, "cpu_ms_per_unit") / 1000 / UTILISATION,
+    }
+    redis_ms = f(both, "dispatch_redis_cpu_ms_per_unit") + f(hook, "dispatch_redis_cpu_ms_per_unit")
+    pg_ms = f(both, "postgresql_cpu_ms_per_unit") + f(hook, "postgresql_cpu_ms_per_unit")
+    return {
+        "rate": rate,
+        **{f"{k}_cores": v for k, v in cores.items()},
+        "nodes": math.ceil(sum(cores.values()) / NODE_CORES),
+        "postgresql_cores": rate * pg_ms / 1000 / UTILISATION,
+        "sql_commits_per_s": rate * (f(both, "sql_commits") + f(hook, "sql_commits")),
+        # Redis runs commands on one thread, and every dispatch key is in one slot.
+        "dispatch_redis_core_share": rate * redis_ms / 1000,
+        "dispatch_redis_ceiling_tasks_per_s": UTILISATION * 1000 / redis_ms if redis_ms else NAN,
+        "broker_messages_per_s": rate * (f(both, "broker_messages") + f(hook, "broker_messages")),
+        "broker_events_per_s": rate * (f(both, "broker_events") + f(hook, "broker_events")),
+    }
+
+
+def print_model(results: list[dict[str, Any]]) -> None:
+    rows = [
+        ("web cores", "web_cores"),
+        ("tasks worker cores", "tasks_cores"),
+        ("webhooks worker cores", "webhooks_cores"),
+        (f"nodes of {NODE_CORES} cores", "nodes"),
+        ("PostgreSQL backend cores", "postgresql_cores"),
+        ("SQL commits/s", "sql_commits_per_s"),
+        ("dispatch Redis: share of its one core", "dispatch_redis_core_share"),
+        (f"dispatch Redis ceiling, tasks/s at {UTILISATION:.0%}", "dispatch_redis_ceiling_tasks_per_s"),
+        ("broker messages/s", "broker_messages_per_s"),
+        ("  of which Celery events", "broker_events_per_s"),
+    ]
+    models = [(r["broker"], rate, capacity_model(r, rate)) for r in results for rate in RATES]
+    table(
+        f"Capacity model: every task with a webhook, no-op handlers, {UTILISATION:.0%} utilisation",
+        ["measure", *(f"{broker} {rate:,}/s" for broker, rate, _ in models)],
+        [[label, *(m[key] for _, _, m in models)] for label, key in rows],
+        digits=1,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -686,7 +744,9 @@ def main() -> None:
             )
         )
     print_results(results)
-    print(f"written: {write_results('capacity', {'results': results})}")
+    print_model(results)
+    models = {r["broker"]: [capacity_model(r, rate) for rate in RATES] for r in results}
+    print(f"written: {write_results('capacity', {'results': results, 'model': models})}")
 
 
 if __name__ == "__main__":
