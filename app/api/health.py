@@ -28,7 +28,7 @@ def readyz() -> Response:
     except Exception as exc:
         checks["database"] = f"unavailable: {type(exc).__name__}"
     try:
-        wb.redis.ping()
+        wb.dispatcher.ping()  # on a Redis Cluster, the node holding dispatch state
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unavailable: {type(exc).__name__}"

@@ -17,6 +17,8 @@ from importlib.resources import files
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from app.dispatch import keys
 
@@ -32,6 +34,17 @@ def _script(name: str) -> str:
 ENQUEUE, STEP, RENEW, RELEASE = (_script(n) for n in ("enqueue", "step", "renew", "release"))
 
 
+def _evalsha(pipe: Any, sha: str, script_keys: list[str], args: list[str | int]) -> None:
+    """Queue a script in a pipeline as a plain EVALSHA.
+
+    Not ``pipe.evalsha`` nor a Script object: redis-py's Redis Cluster
+    pipeline refuses both (its ``evalsha`` and ``publish`` methods are
+    blocked), while ``execute_command`` routes EVALSHA by its keys, which
+    share one slot. On one server it is the same command.
+    """
+    pipe.execute_command("EVALSHA", sha, len(script_keys), *script_keys, *args)
+
+
 @dataclass(frozen=True)
 class DispatchSettings:
     queue_target: int = 8  # tasks released and not yet started, kept ready for the workers
@@ -42,7 +55,7 @@ class DispatchSettings:
 class Dispatcher:
     """Where a task waits, and which task goes next; see ``docs/dispatch.rst``."""
 
-    def __init__(self, client: redis.Redis, settings: DispatchSettings | None = None) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, settings: DispatchSettings | None = None) -> None:
         self.redis = client
         self.settings = settings or DispatchSettings()
         self._enqueue = client.register_script(ENQUEUE)
@@ -72,17 +85,22 @@ class Dispatcher:
     ) -> bool:
         """Append a task to its organization's waiting list (no-op if it waits or is leased).
 
-        With ``client`` a pipeline, the call is queued and its result comes from ``execute``.
+        With ``client`` a pipeline, the call is queued and its result comes from
+        ``execute``; run such a pipeline with :meth:`batch`, which loads the
+        scripts when Redis does not know them.
         """
         args: list[str | int] = [org_id, task_id, concurrency_limit, "1" if front else "0"]
-        return bool(self._enqueue(keys=self._enqueue_keys(org_id), args=args, client=client))
+        if client is not None:
+            _evalsha(client, self._enqueue.sha, self._enqueue_keys(org_id), args)
+            return True  # queued
+        return bool(self._enqueue(keys=self._enqueue_keys(org_id), args=args))
 
     def enqueue_and_step(self, org_id: str, task_id: str, concurrency_limit: int) -> list[str]:
         """A submission's dispatch in one round trip: :meth:`enqueue`, then :meth:`step`."""
         enqueue_keys = self._enqueue_keys(org_id)
         return self._pipelined(
-            lambda pipe: pipe.evalsha(
-                self._enqueue.sha, len(enqueue_keys), *enqueue_keys, org_id, task_id, concurrency_limit, "0"
+            lambda pipe: _evalsha(
+                pipe, self._enqueue.sha, enqueue_keys, [org_id, task_id, concurrency_limit, "0"]
             )
         )
 
@@ -91,9 +109,10 @@ class Dispatcher:
         release_keys = [keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY]
 
         def before(pipe: Any) -> None:
-            pipe.evalsha(self._release.sha, len(release_keys), *release_keys, task_id, keys.PREFIX, "")
+            _evalsha(pipe, self._release.sha, release_keys, [task_id, keys.PREFIX, ""])
             if notify is not None:
-                pipe.publish(*notify)
+                # PUBLISH reaches a subscriber on any node of a Cluster.
+                pipe.execute_command("PUBLISH", *notify)
 
         return self._pipelined(before)
 
@@ -113,7 +132,7 @@ class Dispatcher:
             step_keys, step_args = self._step_call(None)
             pipe = self.redis.pipeline(transaction=False)
             before(pipe)
-            pipe.evalsha(self._step.sha, len(step_keys), *step_keys, *step_args)
+            _evalsha(pipe, self._step.sha, step_keys, step_args)
             results = pipe.execute(raise_on_error=False)
             if not isinstance(results[-1], Exception):
                 released.extend(_ids(results[-1]))
@@ -121,8 +140,7 @@ class Dispatcher:
             if not errors:
                 break
             if attempt == 1 and all(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
-                for script in (ENQUEUE, RELEASE, STEP):
-                    self.redis.script_load(script)
+                self.load_scripts()
                 continue
             if not released:
                 raise errors[0]
@@ -134,6 +152,39 @@ class Dispatcher:
             )
             break
         return released
+
+    def batch(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run ``build(pipe)``'s commands in one pipeline (one round trip, no transaction); their results.
+
+        For the calls given ``client=pipe`` (:meth:`enqueue`, :meth:`release`):
+        when Redis does not know a script (restarted, never asked for it yet,
+        a Cluster node new to it) the scripts are loaded and the whole
+        pipeline runs again, so what ``build`` queues must be idempotent
+        (enqueue and release are). Each command's result is its first run's
+        when that is truthy, else its second's: an enqueue skipped the first
+        time (its release had failed) and done the second counts as done.
+        Any other error is raised.
+        """
+        pipe = self.redis.pipeline(transaction=False)
+        build(pipe)
+        results = pipe.execute(raise_on_error=False)
+        if any(_failed(r) for r in results) and all(
+            isinstance(r, redis.exceptions.NoScriptError) for r in results if _failed(r)
+        ):
+            self.load_scripts()
+            pipe = self.redis.pipeline(transaction=False)
+            build(pipe)
+            again = pipe.execute(raise_on_error=False)
+            results = [r if r and not _failed(r) else again[i] for i, r in enumerate(results)]
+        for result in results:
+            if _failed(result):
+                raise result
+        return list(results)
+
+    def load_scripts(self) -> None:
+        """SCRIPT LOAD every script (on every master of a Cluster): what a pipeline's EVALSHA needs."""
+        for script in (ENQUEUE, RELEASE, STEP, RENEW):
+            self.redis.script_load(script)
 
     def step(self, now: float | None = None) -> list[str]:
         """Release tasks in fair order while fewer than the target wait for a worker; returns their ids."""
@@ -179,12 +230,16 @@ class Dispatcher:
         self.renew(task_id, -1.0)
 
     def release(self, task_id: str, org_id: str = "", *, client: Any = None) -> None:
-        """Forget a task: free its slot, or take it out of its waiting list."""
-        self._release(
-            keys=[keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY],
-            args=[task_id, keys.PREFIX, org_id],
-            client=client,
-        )
+        """Forget a task: free its slot, or take it out of its waiting list.
+
+        With ``client`` a pipeline, the call is queued (see :meth:`batch`).
+        """
+        release_keys = [keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY]
+        args: list[str | int] = [task_id, keys.PREFIX, org_id]
+        if client is not None:
+            _evalsha(client, self._release.sha, release_keys, args)
+            return
+        self._release(keys=release_keys, args=args)
 
     def drain_rate(self, org_id: str, now: float | None = None) -> float:
         """The organization's recent rate of tasks leaving its waiting list, per second."""
@@ -221,8 +276,15 @@ class Dispatcher:
     def eviction_warning(self) -> str | None:
         """A warning when Redis's ``maxmemory-policy`` may evict keys (dispatch state among them)."""
         try:
-            policy = str(self.redis.config_get("maxmemory-policy").get("maxmemory-policy", ""))
-        except redis.RedisError:  # CONFIG may be disabled on a managed Redis: nothing to say
+            if isinstance(self.redis, RedisCluster):
+                # The node holding the dispatch slot, not whichever node
+                # redis-py would ask by default.
+                node = self.redis.get_node_from_key(keys.EPOCH)
+                answer = self.redis.config_get("maxmemory-policy", target_nodes=node)
+            else:
+                answer = self.redis.config_get("maxmemory-policy")
+            policy = str(answer.get("maxmemory-policy", ""))
+        except (redis.RedisError, RedisClusterException):  # CONFIG may be disabled: nothing to say
             return None
         if policy in ("", "noeviction"):
             return None
@@ -231,11 +293,21 @@ class Dispatcher:
             "sweep then rebuilds late (set maxmemory-policy noeviction; docs/operations.rst)"
         )
 
+    def ping(self) -> bool:
+        """PING the server that holds dispatch state (on a Cluster, that node, not any)."""
+        if isinstance(self.redis, RedisCluster):
+            return bool(self.redis.ping(target_nodes=self.redis.get_node_from_key(keys.EPOCH)))
+        return bool(self.redis.ping())
+
     def has_epoch(self) -> bool:
         return bool(self.redis.exists(keys.EPOCH))
 
     def mark_epoch(self) -> None:
         self.redis.set(keys.EPOCH, str(time.time()))
+
+
+def _failed(result: Any) -> bool:
+    return isinstance(result, Exception)
 
 
 def _ids(raw: Any) -> list[str]:

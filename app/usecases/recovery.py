@@ -52,12 +52,14 @@ def enqueue_from_sql(
         ).all()
     if not rows:
         return 0
-    pipe = dispatcher.redis.pipeline(transaction=False)
-    for task_id, org_id, limit in rows:
-        if drop_leases:
-            dispatcher.release(task_id, client=pipe)
-        dispatcher.enqueue(org_id, task_id, limit, front=True, client=pipe)
-    results = pipe.execute()
+
+    def queue(pipe: Any) -> None:
+        for task_id, org_id, limit in rows:
+            if drop_leases:
+                dispatcher.release(task_id, client=pipe)
+            dispatcher.enqueue(org_id, task_id, limit, front=True, client=pipe)
+
+    results = dispatcher.batch(queue)
     added = sum(1 for r in (results[1::2] if drop_leases else results) if r)
     with UnitOfWork(db) as uow:
         uow.session.execute(
@@ -133,12 +135,14 @@ def rebuild(db: Database, dispatcher: Dispatcher, *, batch: int = 5000) -> int:
             )
         if not rows:
             break
+
+        def queue(pipe: Any, rows: list[Any] = rows) -> None:
+            for task_id, org_id, limit in rows:
+                dispatcher.enqueue(org_id, task_id, limit, client=pipe)
+
         # One round trip per batch: 100,000 waiting tasks must not hold the
         # maintenance queue for 100,000 round trips.
-        pipe = dispatcher.redis.pipeline(transaction=False)
-        for task_id, org_id, limit in rows:
-            dispatcher.enqueue(org_id, task_id, limit, client=pipe)
-        count += sum(1 for added in pipe.execute() if added)
+        count += sum(1 for added in dispatcher.batch(queue) if added)
         last = rows[-1][0]
     dispatcher.mark_epoch()
     return count

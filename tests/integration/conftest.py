@@ -18,8 +18,8 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
+from app import redis_conn
 from app.db import Database
 from app.embedded_redis import EmbeddedRedis
 from tests.support import Receiver, Stack, empty_tables
@@ -39,7 +39,7 @@ def make_stack(
 
     def build(redis_url: str | None = None, **env: str) -> Stack:
         url = redis_url or shared_redis_url
-        redis.Redis.from_url(url).flushdb()
+        redis_conn.connect(url).flushdb()  # every form: a Cluster's FLUSHDB goes to each master
         empty_tables(db)
         # TEST_AMQP_URL (CI's RabbitMQ pass): the broker is RabbitMQ, in a
         # virtual host of this stack's own, the dispatch state stays on Redis.
