@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from flask import Flask
 from kombu import Exchange, Queue
 
@@ -14,6 +15,8 @@ from app.transport import broker_transport
 from config import Settings
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+
+log = logging.getLogger("waybill.worker")
 
 
 def is_amqp(broker_url: str) -> bool:
@@ -139,4 +142,30 @@ def celery_init_app(flask_app: Flask, settings: Settings) -> Celery:
     celery.conf.update(config)
     celery.set_default()
     flask_app.extensions["celery"] = celery
+    if is_amqp(config["broker_url"]):
+        signals.worker_init.connect(_declaring_every_queue(celery), weak=False)
     return celery
+
+
+def _declaring_every_queue(celery: Celery) -> Any:
+    """A worker declares all three queues before it starts, not only those it consumes.
+
+    Celery's delayed delivery bootstep binds every queue's exchange to the
+    delayed-delivery exchange; a tasks worker that starts before any
+    webhooks worker would find no ``webhooks`` exchange and log a failed
+    binding. Declaring is idempotent; a broker still away is left to the
+    consumer's own connection retries.
+    """
+
+    def declare(**_: Any) -> None:
+        try:
+            with celery.connection_for_write() as conn:
+                channel = conn.default_channel
+                for queue in celery.amqp.queues.values():
+                    queue(channel).declare()
+        except Exception as exc:
+            log.warning(
+                "could not declare the queues", extra={"event": "broker.declare_failed", "error": repr(exc)}
+            )
+
+    return declare
