@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -97,10 +98,12 @@ def make_engine(
             # only from 1.21 (max_prepared_statements); Debian 12 has 1.18.
             # None: never prepare; every execution is planned afresh.
             kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "prepare_threshold": None}
-    kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
-    kwargs.setdefault("max_overflow", 10)
-    engine = create_engine(url, **kwargs)
+    kwargs.setdefault("max_overflow", 11)
+    pre_ping = kwargs.pop("pool_pre_ping", None)
+    engine = create_engine(url, pool_pre_ping=bool(pre_ping), **kwargs)
+    if pre_ping is None:
+        _ping_when_idle(engine)
     # Behind transaction pooling the SET would be session state: it stays on
     # whichever server connection ran it, for other clients to inherit, and
     # never reaches the others. Nor is it needed there: without prepared
@@ -108,6 +111,46 @@ def make_engine(
     if engine.dialect.name == "postgresql" and not transaction_pooling:
         event.listen(engine, "connect", _postgresql_custom_plans)
     return engine
+
+
+# A pooled connection unused for this long is pinged before it is handed out.
+PING_AFTER_IDLE_SECONDS = 5.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Ping a pooled connection before use only when it sat idle; a busy one goes without.
+
+    SQLAlchemy's ``pool_pre_ping`` pings at every checkout: one more round
+    trip per transaction (psycopg's ping is a SELECT 1 in autocommit, so
+    PostgreSQL counted it as a commit too: half the 8 commits per task that
+    bench/capacity.py measured were pings). What the ping is for is a
+    connection that died while it sat in the pool: a database restart, a
+    proxy's or firewall's idle timeout. A connection used within the last
+    few seconds is as likely alive as the ping's answer would make it; if it
+    died meanwhile, its first statement fails as a disconnect, SQLAlchemy
+    invalidates the whole pool at once, the web request answers 503 and a
+    Celery task retries (``tests/chaos`` restarts PostgreSQL mid-run).
+    Raising DisconnectionError makes the pool replace the connection and try
+    again (SQLAlchemy's documented custom pessimistic ping).
+    """
+
+    def stamp(_dbapi: Any, record: Any, *_: Any) -> None:
+        record.info["waybill_used_at"] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        used = record.info.get("waybill_used_at")
+        if used is not None and time.monotonic() - used < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError(f"the connection did not answer a ping: {exc!r}") from exc
+        if alive is False:
+            raise DisconnectionError("the connection did not answer a ping")
+
+    event.listen(engine, "connect", stamp)
+    event.listen(engine, "checkin", stamp)
+    event.listen(engine, "checkout", checkout)
 
 
 def _postgresql_custom_plans(dbapi_connection: Any, _record: Any) -> None:

@@ -186,3 +186,46 @@ def test_on_the_server_transaction_pooling_leaves_no_session_state(
         assert isolation == "read committed"
     finally:
         db.dispose()
+
+
+def _backend_pid(db: Database) -> int:
+    with db.engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(url: str, pid: int) -> None:
+    admin = Database(url)
+    try:
+        with admin.engine.begin() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        admin.dispose()
+
+
+def test_an_idle_pooled_connection_is_pinged_and_a_dead_one_replaced(
+    postgresql_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool pings only connections that sat idle; a busy one costs no round trip."""
+    db = Database(postgresql_url, pool_size=1, max_overflow=0)
+    pings: list[int] = []
+    real_ping = db.engine.dialect.do_ping
+
+    def counting_ping(dbapi_connection: Any) -> bool:
+        pings.append(1)
+        return bool(real_ping(dbapi_connection))
+
+    monkeypatch.setattr(db.engine.dialect, "do_ping", counting_ping)
+    try:
+        first = _backend_pid(db)
+        for _ in range(5):  # used moments ago: no ping
+            assert _backend_pid(db) == first
+        assert pings == []
+        # The server drops the pooled connection while it sits idle (a restart,
+        # an idle timeout): past the idle bound the checkout pings, finds it
+        # dead and hands out a new one; the caller never sees the failure.
+        _terminate(postgresql_url, first)
+        monkeypatch.setattr("app.db.PING_AFTER_IDLE_SECONDS", 0.0)
+        assert _backend_pid(db) != first
+        assert len(pings) >= 1
+    finally:
+        db.dispose()
