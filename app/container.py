@@ -12,6 +12,7 @@ from app.db import Database
 from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher
 from app.services.task_types import Registry
 from app.services.waiting import Waiter
+from app.usecases.first_attempt import FirstAttempts
 from config import Settings
 
 
@@ -25,6 +26,7 @@ class Waybill:
     _dispatcher: Dispatcher | None = None
     _dispatch: Dispatch | None = None
     waiter: Waiter = field(default_factory=lambda: Waiter(8))
+    _first_attempts: FirstAttempts | None = None
 
     @property
     def redis(self) -> redis.Redis:
@@ -53,6 +55,18 @@ class Waybill:
                 ),
             )
         return self._dispatcher
+
+    @property
+    def first_attempts(self) -> FirstAttempts:
+        """Where a tasks worker sends a finished task's first webhook attempt itself."""
+        if self._first_attempts is None:
+            from app.usecases import deliver  # the use case needs the container: imported late
+
+            self._first_attempts = FirstAttempts(
+                lambda delivery_id: deliver.deliver(self, delivery_id),
+                self.settings.webhook_first_attempt_threads,
+            )
+        return self._first_attempts
 
     @property
     def dispatch(self) -> Dispatch:

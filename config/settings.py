@@ -44,6 +44,10 @@ class Settings:
     database_transaction_pooling: bool = False
     webhook_retry_base_seconds: float = 120.0
     webhook_timeout_seconds: float = 10.0
+    # Threads per tasks-worker process that send a finished task's first
+    # webhook attempt themselves (0: every attempt goes through the webhooks
+    # queue); when all are busy the attempt goes through the queue.
+    webhook_first_attempt_threads: int = 4
     webhook_allow_private: bool = False
     fetch_allow_private: bool = False
     default_queue_limit: int = 100_000

@@ -23,7 +23,9 @@ _DB_RETRY: dict[str, object] = {
 @shared_task(name=queues.RUN_TASK, **_DB_RETRY)
 def run_task(task_id: str) -> str:
     wb = current()
-    outcome = run.execute(wb.db, wb.registry, run.settings_of(wb.settings), task_id, wb.dispatch)
+    outcome = run.execute(
+        wb.db, wb.registry, run.settings_of(wb.settings), task_id, wb.dispatch, wb.first_attempts.offer
+    )
     return outcome.status or "skipped"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,17 @@ def settings_of(settings: Settings) -> RunSettings:
     )
 
 
+def _hand_on(
+    dispatch: Dispatch, first_attempt: Callable[[str], bool] | None, delivery_id: str | None
+) -> None:
+    """The result's webhook: sent from this process if it takes it, else through the webhooks queue."""
+    if delivery_id is None:
+        return
+    if first_attempt is not None and first_attempt(delivery_id):
+        return
+    dispatch.deliver(delivery_id)
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     ran: bool
@@ -64,8 +76,13 @@ def execute(
     settings: RunSettings,
     task_id: str,
     dispatch: Dispatch | None = None,
+    first_attempt: Callable[[str], bool] | None = None,
 ) -> RunOutcome:
-    """Run the task once if it is ours to run; ``dispatch`` (None in tests) gets the effects."""
+    """Run the task once if it is ours to run; ``dispatch`` (None in tests) gets the effects.
+
+    ``first_attempt`` takes the result's webhook (``FirstAttempts.offer``):
+    when it declines, the attempt is published to the webhooks queue.
+    """
     try:
         with UnitOfWork(db) as uow:
             claim = lifecycle.claim(
@@ -125,7 +142,7 @@ def execute(
             )
             status = TaskStatus.FAILED if error else TaskStatus.SUCCEEDED
             if dispatch is not None:
-                uow.after_commit(dispatch.deliver, delivery_id)
+                uow.after_commit(_hand_on, dispatch, first_attempt, delivery_id)
                 uow.after_commit(dispatch.finish, task_id, status if recorded else None)
     except Exception as exc:
         if is_transient(exc):

@@ -220,3 +220,40 @@ def test_webhook_worker_killed_between_attempts_still_delivers_with_one_id(
     assert [a["attempt"] for a in delivery["attempts"]] == [1, 2]
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
     assert len(receiver.received) == 2
+
+
+def test_the_first_attempt_goes_from_the_tasks_worker_and_retries_through_the_queue(
+    make_stack: Callable[..., Stack], receiver: Receiver
+) -> None:
+    """No webhooks worker yet: first attempts still arrive; a failed one waits for the queue."""
+    receiver.respond = lambda n: (204, {}, b"", 0)
+    stack = make_stack(WEBHOOK_RETRY_BASE_SECONDS="0.5")
+    stack.web()
+    tasks_worker = stack.worker(queues="tasks", concurrency=2)
+    api = Api(stack.base_url, stack.org())
+    ok = [
+        api.submit({"type": "echo", "input": {"i": i}, "webhook": {"url": receiver.url + "/ok"}}).json()[
+            "taskId"
+        ]
+        for i in range(6)
+    ]
+    for task_id in ok:
+        assert (
+            _wait_delivery(api, task_id, {"delivered"}, timeout=30)["attempts"][0]["outcome"] == "delivered"
+        )
+    sent_by = {r.get("webhook_id") for r in tasks_worker.log_records() if r.get("event") == "webhook.attempt"}
+    assert len(sent_by) == 6  # each first attempt was the tasks worker's own
+
+    # A receiver that fails the first attempt: recorded by the tasks worker,
+    # its retry (countdown) goes to the webhooks queue, which nobody serves yet.
+    receiver.respond = lambda n: (503, {}, b"", 0)
+    failing = api.submit({"type": "echo", "webhook": {"url": receiver.url + "/down"}}).json()["taskId"]
+    first = wait_for(
+        lambda: (d := _deliveries(api, failing)) and d[0]["attempts"] and d[0], 30, "the first attempt"
+    )
+    assert [a["outcome"] for a in first["attempts"]] == ["http_error"]
+    receiver.respond = lambda n: (204, {}, b"", 0)
+    webhooks = stack.webhooks_worker()
+    delivery = _wait_delivery(api, failing, {"delivered"}, timeout=30)
+    assert [a["outcome"] for a in delivery["attempts"]] == ["http_error", "delivered"]
+    assert any(r.get("event") == "webhook.attempt" for r in webhooks.log_records())
