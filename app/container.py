@@ -63,7 +63,7 @@ class Waybill:
             from app.usecases import deliver  # the use case needs the container: imported late
 
             self._first_attempts = FirstAttempts(
-                lambda delivery_id: deliver.deliver(self, delivery_id),
+                lambda plan: deliver.send_claimed(self, plan),
                 self.settings.webhook_first_attempt_threads,
             )
         return self._first_attempts

@@ -22,16 +22,33 @@ from app.usecases.unit_of_work import UnitOfWork
 log = logging.getLogger("waybill.worker")
 
 
+def hold_seconds(wb: Waybill) -> float:
+    """How long a claimed attempt is ours: its deadline, and time to record it."""
+    return wb.settings.webhook_timeout_seconds + 30
+
+
 def deliver(wb: Waybill, delivery_id: str) -> str:
     """The attempt's outcome (``delivered``, ``http_error``, ``error``...), or ``skipped``."""
-    s = wb.settings
     try:
         with UnitOfWork(wb.db) as uow:
-            plan = deliveries.claim_attempt(
-                uow.session, delivery_id, hold_seconds=s.webhook_timeout_seconds + 30
-            )
-        if plan is None:
-            return "skipped"  # not due, or another worker holds it, or it ended
+            plan = deliveries.claim_attempt(uow.session, delivery_id, hold_seconds=hold_seconds(wb))
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return _failed(wb, delivery_id, exc)
+    if plan is None:
+        return "skipped"  # not due, or another worker holds it, or it ended
+    return send_claimed(wb, plan)
+
+
+def send_claimed(wb: Waybill, plan: deliveries.AttemptPlan) -> str:
+    """Send an attempt already claimed and record it.
+
+    Claimed by :func:`deliver`, or, for a result's first attempt, in the
+    transaction that recorded the result (:mod:`app.usecases.first_attempt`).
+    """
+    s = wb.settings
+    try:
         result = deliveries.send_attempt(
             plan, timeout=s.webhook_timeout_seconds, allow_private=s.webhook_allow_private
         )
@@ -40,22 +57,11 @@ def deliver(wb: Waybill, delivery_id: str) -> str:
                 uow.session, plan, result, retry_base_seconds=s.webhook_retry_base_seconds
             )
             if countdown is not None:
-                uow.after_commit(wb.dispatch.deliver, delivery_id, countdown)
+                uow.after_commit(wb.dispatch.deliver, plan.delivery_id, countdown)
     except Exception as exc:
         if is_transient(exc):
             raise
-        log.exception("webhook attempt raised", extra={"event": "webhook.error", "webhook_id": delivery_id})
-        with UnitOfWork(wb.db) as uow:
-            countdown = deliveries.record_error(
-                uow.session,
-                delivery_id,
-                f"internal_error: {type(exc).__name__}: {exc}",
-                retry_base_seconds=s.webhook_retry_base_seconds,
-            )
-            if countdown is not None:
-                uow.after_commit(wb.dispatch.deliver, delivery_id, countdown)
-        metrics.WEBHOOK_ATTEMPTS.labels("error").inc()
-        return "error"
+        return _failed(wb, plan.delivery_id, exc)
     metrics.WEBHOOK_ATTEMPTS.labels(result.outcome).inc()
     if result.outcome == DeliveryStatus.DELIVERED:
         metrics.WEBHOOK_DELIVERY_SECONDS.observe((utcnow() - plan.created_at).total_seconds())
@@ -63,7 +69,7 @@ def deliver(wb: Waybill, delivery_id: str) -> str:
         "webhook attempt",
         extra={
             "event": "webhook.attempt",
-            "webhook_id": delivery_id,
+            "webhook_id": plan.delivery_id,
             "task_id": plan.task_id,
             "request_id": plan.request_id,
             "attempt": plan.attempt,
@@ -73,3 +79,19 @@ def deliver(wb: Waybill, delivery_id: str) -> str:
         },
     )
     return result.outcome
+
+
+def _failed(wb: Waybill, delivery_id: str, exc: Exception) -> str:
+    """An attempt that raised (claim, payload, record): a failed attempt on the usual schedule."""
+    log.exception("webhook attempt raised", extra={"event": "webhook.error", "webhook_id": delivery_id})
+    with UnitOfWork(wb.db) as uow:
+        countdown = deliveries.record_error(
+            uow.session,
+            delivery_id,
+            f"internal_error: {type(exc).__name__}: {exc}",
+            retry_base_seconds=wb.settings.webhook_retry_base_seconds,
+        )
+        if countdown is not None:
+            uow.after_commit(wb.dispatch.deliver, delivery_id, countdown)
+    metrics.WEBHOOK_ATTEMPTS.labels("error").inc()
+    return "error"

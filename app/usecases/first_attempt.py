@@ -1,19 +1,21 @@
 """A task's first webhook attempt, sent by the worker process that finished the task.
 
 The first attempt used to cross one more Celery hop (the ``tasks`` worker
-published it, a ``webhooks`` worker picked it up): a publish, a broker round
-trip and a pool hand-over between a result and its webhook, on the path
-every webhook consumer waits on. Now the tasks worker hands it to a small
-pool of threads of its own process right after the result is committed and
-goes on with its next task; the thread runs the same use case as the
-``webhooks`` queue (:func:`app.usecases.deliver.deliver`: claim, send with no
-transaction open, record). Retries stay on the ``webhooks`` queue, and so
-does the first attempt whenever every thread is busy (a slow receiver never
-holds a task slot, nor piles up threads).
+published it, a ``webhooks`` worker picked it up) and one more transaction
+(its claim): a publish, a broker round trip, a pool hand-over and a commit
+between a result and its webhook, on the path every webhook consumer waits
+on. Now the tasks worker reserves one of a small pool of threads of its own
+process before it records the result; with a thread reserved, the same
+transaction that records the result also claims the webhook's first attempt
+(:func:`app.services.deliveries.claim_attempt`), and after the commit the
+thread sends and records it (:func:`app.usecases.deliver.send_claimed`) while
+the worker goes on with its next task. Retries stay on the ``webhooks``
+queue, and so does the first attempt when every thread is busy: a slow
+receiver never holds a task slot, nor piles up threads.
 
 Nothing is lost if the process dies meanwhile: the delivery is a
-``pending`` row due now, so the sweep publishes it once its claim (if it was
-claimed) has expired, as for any attempt whose message was lost.
+``pending`` row due now, claimed for the attempt's deadline plus 30 s; once
+that claim expires the sweep publishes it, as for any lost message.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 log = logging.getLogger("waybill.worker")
 
 
 class FirstAttempts:
-    def __init__(self, send: Callable[[str], object], threads: int) -> None:
+    def __init__(self, send: Callable[[Any], object], threads: int) -> None:
         self._send = send
         self._threads = threads
         self._lock = threading.Lock()
@@ -36,8 +39,8 @@ class FirstAttempts:
         self._pid = 0
         self._pool: ThreadPoolExecutor | None = None
 
-    def offer(self, delivery_id: str) -> bool:
-        """Send it from here (True), or say no (False: every thread busy, or none configured)."""
+    def reserve(self) -> bool:
+        """Hold a thread for an attempt to come (True), or say no: every thread busy, or none."""
         if self._threads <= 0:
             return False
         with self._lock:
@@ -48,32 +51,40 @@ class FirstAttempts:
             if self._busy >= self._threads:
                 return False
             self._busy += 1
-            pool = self._pool
-        try:
-            pool.submit(self._run, delivery_id)
-        except RuntimeError:  # the pool is shutting down with the process
-            self._done()
-            return False
-        return True
+            return True
 
-    def _run(self, delivery_id: str) -> None:
+    def start(self, plan: Any) -> None:
+        """Send a claimed attempt on the thread :meth:`reserve` held."""
+        pool = self._pool
         try:
-            self._send(delivery_id)
+            assert pool is not None
+            pool.submit(self._run, plan)
+        except (RuntimeError, AssertionError):  # the pool is shutting down with the process
+            self.release()
+            log.warning(
+                "first webhook attempt left to the sweep",
+                extra={"event": "webhook.first_attempt_failed", "webhook_id": plan.delivery_id},
+            )
+
+    def release(self) -> None:
+        """Give back a thread that :meth:`reserve` held and that has nothing to send."""
+        with self._lock:
+            self._busy -= 1
+
+    def _run(self, plan: Any) -> None:
+        try:
+            self._send(plan)
         except Exception:
-            # deliver() records every failure of the exchange itself; what
+            # send_claimed records every failure of the exchange itself; what
             # reaches here is a database that is away: the delivery stays
-            # pending and due, and the sweep publishes it.
+            # pending, and the sweep publishes it once its claim expires.
             log.warning(
                 "first webhook attempt left to the sweep",
                 exc_info=True,
-                extra={"event": "webhook.first_attempt_failed", "webhook_id": delivery_id},
+                extra={"event": "webhook.first_attempt_failed", "webhook_id": plan.delivery_id},
             )
         finally:
-            self._done()
-
-    def _done(self) -> None:
-        with self._lock:
-            self._busy -= 1
+            self.release()
 
     @property
     def busy(self) -> int:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from app import metrics
 from app.db import Database, is_transient
 from app.dispatch import Dispatch
 from app.models import TaskStatus
 from app.models.base import utcnow
-from app.services import json_limits, lifecycle
+from app.services import deliveries, json_limits, lifecycle
 from app.services.leases import leases
 from app.services.lifecycle import ClaimReason
 from app.services.task_types import Registry, TaskContext, TaskError
@@ -40,6 +39,8 @@ class RunSettings:
     max_attempts: int
     allow_private_targets: bool
     retention_days: float = 30.0
+    # A first webhook attempt claimed with the result is ours this long (its deadline + 30 s).
+    webhook_hold_seconds: float = 40.0
 
 
 def settings_of(settings: Settings) -> RunSettings:
@@ -48,18 +49,34 @@ def settings_of(settings: Settings) -> RunSettings:
         max_attempts=settings.task_max_attempts,
         allow_private_targets=settings.fetch_allow_private,
         retention_days=settings.result_retention_days,
+        webhook_hold_seconds=settings.webhook_timeout_seconds + 30,
     )
 
 
+class FirstAttemptThreads(Protocol):
+    """Where a result's first webhook attempt is sent from (``FirstAttempts``)."""
+
+    def reserve(self) -> bool: ...
+
+    def start(self, plan: deliveries.AttemptPlan) -> None: ...
+
+    def release(self) -> None: ...
+
+
 def _hand_on(
-    dispatch: Dispatch, first_attempt: Callable[[str], bool] | None, delivery_id: str | None
+    dispatch: Dispatch,
+    threads: FirstAttemptThreads | None,
+    delivery_id: str | None,
+    plan: deliveries.AttemptPlan | None,
 ) -> None:
-    """The result's webhook: sent from this process if it takes it, else through the webhooks queue."""
-    if delivery_id is None:
+    """The result's webhook: its claimed first attempt to the reserved thread, else the webhooks queue."""
+    if plan is not None and threads is not None:
+        threads.start(plan)
         return
-    if first_attempt is not None and first_attempt(delivery_id):
-        return
-    dispatch.deliver(delivery_id)
+    if threads is not None:
+        threads.release()  # reserved, but no attempt to send
+    if delivery_id is not None:
+        dispatch.deliver(delivery_id)
 
 
 @dataclass(frozen=True)
@@ -76,12 +93,14 @@ def execute(
     settings: RunSettings,
     task_id: str,
     dispatch: Dispatch | None = None,
-    first_attempt: Callable[[str], bool] | None = None,
+    first_attempts: FirstAttemptThreads | None = None,
 ) -> RunOutcome:
     """Run the task once if it is ours to run; ``dispatch`` (None in tests) gets the effects.
 
-    ``first_attempt`` takes the result's webhook (``FirstAttempts.offer``):
-    when it declines, the attempt is published to the webhooks queue.
+    ``first_attempts``: with a thread reserved there, the result's first
+    webhook attempt is claimed in the record's transaction and sent from
+    this process (:mod:`app.usecases.first_attempt`); otherwise it is
+    published to the webhooks queue.
     """
     try:
         with UnitOfWork(db) as uow:
@@ -130,6 +149,8 @@ def execute(
     run_started = time.monotonic()
     with leases.hold(db, dispatch, task_id, claim.attempt, settings.lease_seconds):
         result, error = _run_handler(registry, task.type, claim.input_json, context)
+    reserved = dispatch is not None and first_attempts is not None and first_attempts.reserve()
+    threads = first_attempts if reserved else None
     try:
         with UnitOfWork(db) as uow:
             recorded, delivery_id = lifecycle.record_result(
@@ -140,11 +161,18 @@ def execute(
                 error=error,
                 retention_days=settings.retention_days,
             )
+            plan = None
+            if threads is not None and delivery_id is not None:
+                plan = deliveries.claim_attempt(
+                    uow.session, delivery_id, hold_seconds=settings.webhook_hold_seconds
+                )
             status = TaskStatus.FAILED if error else TaskStatus.SUCCEEDED
             if dispatch is not None:
-                uow.after_commit(_hand_on, dispatch, first_attempt, delivery_id)
+                uow.after_commit(_hand_on, dispatch, threads, delivery_id, plan)
                 uow.after_commit(dispatch.finish, task_id, status if recorded else None)
     except Exception as exc:
+        if threads is not None:
+            threads.release()  # rolled back: nothing was claimed, nothing to send
         if is_transient(exc):
             raise
         return _fail(
