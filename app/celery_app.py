@@ -98,8 +98,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "waybill.maintenance.*": {"queue": queues.MAINTENANCE_QUEUE},
         },
         # Flower shows tasks from these events.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Flower's task views come from the workers' events (received,
+        # started, succeeded/failed): about three broker messages per task
+        # (docs/scaling.rst). TASK_EVENTS=false turns them off where nobody
+        # watches. The publishers' task-sent event is off: it was one more
+        # broker message on every submission's path, and Flower shows a
+        # task from "received" on.
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "beat_schedule": {
             "sweep": {

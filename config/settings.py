@@ -81,6 +81,8 @@ class Settings:
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""
     log_level: str = "INFO"
+    # Celery task events from the workers, for Flower (docs/operations.rst).
+    task_events: bool = True
     # Failed authentications allowed per client address per minute; past it
     # every /v1 call from that address answers 429 until the minute ends.
     auth_failures_per_minute: int = 30
