@@ -10,6 +10,10 @@ Runs, on SQLite and on PostgreSQL (``BENCH_POSTGRES_URL``, default
 * ``webhooks``       webhook deliveries/s to a local receiver
 * ``queue_latency``  submission latency at 0 and at 100,000 waiting tasks of one organization
                      (and, in turn with it, of an organization with nothing waiting)
+* ``versus``         Waybill vs a hand-written Flask + Celery version, the bare endpoint and raw
+                     Celery, "lean" (processes started directly) and "as shipped" (``waybill run``):
+                     submissions/s, batch tasks/s, submit -> finished tasks/s, idle webhook latency
+                     (``bench/versus.py``; about 1.5 minutes per database and mode)
 * ``memory``         peak RSS of web and Celery workers, growth after warm-up (PostgreSQL; it gets the
                      time left in the budget, up to ``--memory-tasks`` tasks)
 * ``capacity``       per core: submissions, tasks and deliveries per CPU second, SQL commits, Redis
@@ -19,8 +23,9 @@ Runs, on SQLite and on PostgreSQL (``BENCH_POSTGRES_URL``, default
 then prints every ratio against its target and writes ``bench/results/summary.json``
 and ``summary.png`` (plus one JSON and PNG per benchmark).
 
-    python bench/run.py                 # the full suite, about 14 minutes on 2 cores
-    python bench/run.py --quick         # a smoke run: small counts, SQLite only, under 2 minutes
+    python bench/run.py                 # the full suite, about 17 minutes on 2 cores
+                                        # (a 14-minute budget, memory taking what is left, then capacity)
+    python bench/run.py --quick         # a smoke run: small counts, SQLite only, about 3 minutes
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import capacity, latency, memory, processing, queue_latency, submission, webhooks
+from bench import capacity, latency, memory, processing, queue_latency, submission, versus, webhooks
 from bench.harness import DB_KINDS, write_results
 from bench.report import Target, summary_chart, table
 
@@ -58,6 +63,7 @@ def sizes(quick: bool) -> dict[str, dict[str, Any]]:
             "queue_latency": {"n": 60, "count": 10_000},
             "memory": {"tasks": 600, "max_seconds": 18.0},
             "capacity": {"submissions": 300, "webhooks": 100, "background_s": 2.0},
+            "versus": {**versus.sizes(quick=True), "modes": versus.MODES},
         }
     return {
         "submission": {"clients": 16, "window": 6.0, "rounds": 2, "web_workers": (2, 1)},
@@ -67,6 +73,7 @@ def sizes(quick: bool) -> dict[str, dict[str, Any]]:
         "queue_latency": {"n": 400, "count": 100_000},
         "memory": {"tasks": 50_000, "max_seconds": 3600.0},
         "capacity": {"submissions": 1500, "webhooks": 400, "background_s": 5.0},
+        "versus": {**versus.sizes(quick=False), "modes": versus.MODES},
     }
 
 
@@ -114,6 +121,7 @@ def targets_and_rows(results: dict[str, list[dict[str, Any]]]) -> tuple[list[Tar
         target: Target | None,
         *,
         ratio: bool = True,
+        note: str = "",
     ) -> None:
         if target is not None:
             targets.append(target)
@@ -130,7 +138,7 @@ def targets_and_rows(results: dict[str, list[dict[str, Any]]]) -> tuple[list[Tar
                 baseline,
                 shown,
                 target.wanted if target else "",
-                ("yes" if target.holds else "NO") if target else "",
+                ("yes" if target.holds else "NO") if target else note,
             ]
         )
 
@@ -215,6 +223,20 @@ def targets_and_rows(results: dict[str, list[dict[str, Any]]]) -> tuple[list[Tar
             get(r, "analyzed", "same_time_0", "p50"),
             None,
         )
+    for r in results.get("versus", []):
+        if "error" in r:
+            continue
+        db = f"{r['db']}, {r['mode']}"
+        for x in versus.rows(r):
+            measure = f"{x['measure']} vs {x['reference']}"
+            spec = x["target"]
+            if spec is None:
+                add(measure, db, x["waybill"], x["baseline"], None)
+            elif "unavailable" in x:
+                add(measure, db, x["waybill"], x["baseline"], None, ratio=False, note="n/a")
+            else:
+                t = Target(f"{spec[1]} ({db})", x["ratio"], low=spec[2], high=spec[3])
+                add(measure, db, x["waybill"], x["baseline"], t)
     for r in results.get("memory", []):
         db = r["db"]
         growth = 100 * get(r, "max_growth")
@@ -289,6 +311,23 @@ def panels(results: dict[str, list[dict[str, Any]]]) -> list[Panel]:
                 p50.append(get(r, k, "p50"))
                 p99.append(get(r, k, "p99"))
         out.append(("submission latency vs waiting tasks (ms)", "ms", groups, {"p50": p50, "p99": p99}))
+    vs = [r for r in results.get("versus", []) if "error" not in r]
+    if vs:
+        out.append(
+            (
+                "submit -> finished, no webhook (tasks/s)",
+                "tasks/s",
+                [f"{r['db']}\n{r['mode']}" for r in vs],
+                {
+                    side: [get(r, "end_to_end", key, "rate_per_s") for r in vs]
+                    for side, key in (
+                        ("waybill", "waybill"),
+                        ("hand-written", "handwritten"),
+                        ("raw celery", "raw_celery"),
+                    )
+                },
+            )
+        )
     wh = results.get("webhooks", [])
     mem = results.get("memory", [])
     if wh:
@@ -328,7 +367,16 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["submission", "processing", "latency", "webhooks", "queue_latency", "memory", "capacity"],
+        choices=[
+            "submission",
+            "processing",
+            "latency",
+            "webhooks",
+            "queue_latency",
+            "versus",
+            "memory",
+            "capacity",
+        ],
         help="run only these benchmarks (capacity: PostgreSQL, Redis and RabbitMQ brokers; not in --quick)",
     )
     parser.add_argument("--log-level", default="INFO", help="Waybill's LOG_LEVEL (production default INFO)")
@@ -350,7 +398,9 @@ def main() -> None:
     memory_db = args.memory_db or ("sqlite" if args.quick else "postgresql")
     if memory_db not in kinds and args.db not in (None, "both"):
         memory_db = kinds[0]
-    wanted = set(args.only or ["submission", "processing", "latency", "webhooks", "queue_latency", "memory"])
+    wanted = set(
+        args.only or ["submission", "processing", "latency", "webhooks", "queue_latency", "versus", "memory"]
+    )
     if not args.quick and not args.only:
         wanted.add("capacity")  # after memory, outside its budget: about 3 minutes more
     env = {"LOG_LEVEL": args.log_level}
@@ -384,6 +434,12 @@ def main() -> None:
             results["queue_latency"].append(
                 attempt("queue_latency", db, partial(queue_latency.run, db, ql_n, ql_count, **env))
             )
+        if "versus" in wanted:
+            vs_size = {k: v for k, v in size["versus"].items() if k != "modes"}
+            for mode in size["versus"]["modes"]:
+                results["versus"].append(
+                    attempt("versus", f"{db}, {mode}", partial(versus.run, db, mode, **vs_size, **env))
+                )
     if "memory" in wanted:
         # Whatever is left of the budget, less a margin for stopping and the report.
         left = deadline - time.monotonic() - 45
@@ -421,6 +477,11 @@ def main() -> None:
             module.print_results(good)
             module.chart(good)
             write_results(name, {"results": good})
+    vs = [r for r in results.get("versus", []) if "error" not in r]
+    if vs:
+        versus.print_results(vs)
+        versus.chart(vs)
+        write_results("versus", {"results": vs})
     cap = [r for r in results.get("capacity", []) if "error" not in r]
     if cap:
         capacity.print_results(cap)
