@@ -166,6 +166,45 @@ def _submission_variants(spec: APISpec, converter: OpenAPIConverter, registry: R
     }
 
 
+def _batch_components(spec: APISpec) -> None:
+    """The batch's request (``SubmitTask`` items) and its answer (one entry per item, either kind)."""
+    spec.components.schema(
+        "SubmitTaskBatch",
+        component={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["tasks"],
+            "properties": {
+                "tasks": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": schemas.BATCH_MAX_TASKS,
+                    "items": _ref("SubmitTask"),
+                    "description": (
+                        "Each item exactly the body of `POST /v1/tasks`. An item that is not valid is "
+                        "answered in its own entry (400), not by refusing the batch."
+                    ),
+                }
+            },
+        },
+    )
+    spec.components.schema(
+        "TaskBatchResult",
+        component={
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "array",
+                    "items": {"oneOf": [_ref("BatchTaskEntry"), _ref("BatchProblemEntry")]},
+                    "description": "One entry per item of the batch, in item order.",
+                }
+            },
+        },
+    )
+
+
 @cache
 def build_spec() -> dict[str, Any]:
     plugin = _Plugin()
@@ -187,6 +226,8 @@ def build_spec() -> dict[str, Any]:
         ("Task", schemas.TaskSchema),
         ("TaskList", schemas.TaskListSchema),
         ("Problem", schemas.ProblemSchema),
+        ("BatchTaskEntry", schemas.BatchTaskEntrySchema),
+        ("BatchProblemEntry", schemas.BatchProblemEntrySchema),
         ("Organization", schemas.OrganizationSchema),
         ("TaskType", schemas.TaskTypeSchema),
         ("WebhookSecret", schemas.WebhookSecretSchema),
@@ -199,6 +240,7 @@ def build_spec() -> dict[str, Any]:
     spec.components.schema(
         "SubmitTask", component=_submission_variants(spec, plugin.converter, Registry.from_entry_points())
     )
+    _batch_components(spec)
     key_field = schemas.SubmitTaskSchema().fields["idempotencyKey"]
     spec.path(
         path="/v1/tasks",
@@ -253,6 +295,39 @@ def build_spec() -> dict[str, Any]:
                 },
                 bad_request="A query parameter is unknown or out of range",
             ),
+        },
+    )
+    spec.path(
+        path="/v1/tasks/batch",
+        operations={
+            "post": _v1(
+                {
+                    "summary": "Submit many tasks at once",
+                    "description": (
+                        "Each item is judged as `POST /v1/tasks` would judge it alone, in item order "
+                        "(validation, idempotency key, credits, queue limit); the accepted ones are "
+                        "committed together. One entry per item, in item order: its status and the "
+                        "task, or its status and the problem the single submission would have "
+                        "answered. A key used by an earlier accepted item of the batch is a replay of "
+                        "that item's task (200), or 422 for a different request. `Prefer: wait` does "
+                        "not apply, and the `Idempotency-Key` header is refused (400)."
+                    ),
+                    "operationId": "submitTaskBatch",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("SubmitTaskBatch")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("TaskBatchResult"), "One entry per item, in item order"),
+                        "413": _problem("Body over the size limit"),
+                        "415": _problem("Not JSON"),
+                    },
+                },
+                bad_request=(
+                    'Not `{"tasks": [...]}` with 1 to 1,000 items (`errors` names the field), '
+                    "or an Idempotency-Key header"
+                ),
+            )
         },
     )
     spec.path(

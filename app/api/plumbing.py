@@ -182,15 +182,28 @@ def _reject_constant(name: str) -> Any:
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object: 415 unless JSON, 400 unless an object within the limits."""
+    body = raw_json_body("task")
+    if not isinstance(body, dict):
+        raise ValidationFailed({"body": ["Must be a JSON object."]})
+    check_json_limits(body)
+    return body
+
+
+def raw_json_body(what: str) -> Any:
+    """The request's JSON, any value: 415 unless JSON, 413 over the size limit, 400 unless it parses.
+
+    The limits on what it holds are :func:`check_json_limits`'s, which a
+    batch applies to each of its items rather than to the whole body.
+    """
     mimetype = request.mimetype or ""
     if mimetype != "application/json" and not (
         mimetype.startswith("application/") and mimetype.endswith("+json")
     ):
-        raise UnsupportedMediaType("Send the task as JSON with `Content-Type: application/json`.")
+        raise UnsupportedMediaType(f"Send the {what} as JSON with `Content-Type: application/json`.")
     raw = read_body(waybill().settings.max_body_bytes)
     try:
         text = raw.decode("utf-8")
-        body = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeError:
         raise ValidationFailed({"body": ["Not valid UTF-8."]}, "The body is not valid UTF-8.") from None
     except RecursionError:
@@ -202,10 +215,14 @@ def json_body() -> dict[str, Any]:
         raise ValidationFailed(
             {"body": [f"Not valid JSON: {exc}"[:200]]}, "The body is not valid JSON."
         ) from None
-    if not isinstance(body, dict):
-        raise ValidationFailed({"body": ["Must be a JSON object."]})
-    # No string anywhere may hold U+0000 (PostgreSQL cannot store it), and no
-    # field may nest deeper than the spec's limit (a worker would recurse on it).
+
+
+def check_json_limits(body: dict[str, Any]) -> None:
+    """400 naming the first field that holds U+0000 or a lone surrogate, or nests too deeply.
+
+    PostgreSQL cannot store U+0000, and a worker would recurse on a field
+    nested deeper than the spec's limit.
+    """
     found = json_limits.violation(body, max_depth=None)
     if found is None:
         for name, value in body.items():
@@ -216,7 +233,6 @@ def json_body() -> dict[str, Any]:
         where, reason = found
         where = where[:200]
         raise ValidationFailed({where: [f"{reason[0].upper()}{reason[1:]}."]})
-    return body
 
 
 # A body over the limit is still read, up to this much, before the 413 is

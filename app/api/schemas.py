@@ -47,6 +47,24 @@ class SubmitTaskSchema(Schema):
             raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON ({size}).")
 
 
+BATCH_MAX_TASKS = 1000
+
+
+class SubmitBatchSchema(Schema):
+    """``POST /v1/tasks/batch``: the envelope only; each item is judged as ``SubmitTaskSchema``, alone."""
+
+    class Meta:
+        unknown = RAISE
+
+    # Raw, nulls included: an item that is not a submission is that item's
+    # 400, not the batch's.
+    tasks = fields.List(
+        fields.Raw(allow_none=True),
+        required=True,
+        validate=validate.Length(min=1, max=BATCH_MAX_TASKS),
+    )
+
+
 class ListTasksQuery(Schema):
     class Meta:
         unknown = RAISE
@@ -116,6 +134,20 @@ class ProblemSchema(Schema):
     queued = fields.Integer(metadata={"description": "429 (queue full): the organization's waiting tasks"})
     queueLimit = fields.Integer(metadata={"description": "429 (queue full): the organization's queue limit"})
     idempotencyKey = fields.String(metadata={"description": "422: the idempotency key that was reused"})
+
+
+class BatchTaskEntrySchema(Schema):
+    """An item of a batch that holds a task: created (202) or an idempotent replay (200)."""
+
+    status = fields.Integer(required=True, validate=validate.OneOf([200, 202]))
+    task = fields.Nested(TaskSchema, required=True)
+
+
+class BatchProblemEntrySchema(Schema):
+    """An item of a batch that was refused, with the problem ``POST /v1/tasks`` would have answered."""
+
+    status = fields.Integer(required=True, validate=validate.OneOf([400, 402, 422, 429]))
+    problem = fields.Nested(ProblemSchema, required=True)
 
 
 class OrganizationSchema(Schema):

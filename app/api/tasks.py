@@ -10,11 +10,19 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 from marshmallow import ValidationError
 
-from app.api.plumbing import json_body, organization_id, read_session, waybill
-from app.api.schemas import ListTasksQuery, SubmitTaskSchema
+from app.api.errors import from_service_error
+from app.api.plumbing import (
+    check_json_limits,
+    json_body,
+    organization_id,
+    raw_json_body,
+    read_session,
+    waybill,
+)
+from app.api.schemas import ListTasksQuery, SubmitBatchSchema, SubmitTaskSchema
 from app.models import TaskStatus
 from app.services import deliveries, queries
-from app.services.errors import ValidationFailed, messages_to_errors
+from app.services.errors import ServiceError, ValidationFailed, messages_to_errors
 from app.services.representation import represent
 from app.services.submission import SubmitRequest
 from app.services.waiting import parse_prefer_wait
@@ -46,10 +54,73 @@ def submit_task() -> Response:
     return _answer(task, 202 if created else 200, **headers)
 
 
-def _submit_request(body: dict[str, Any], header_key: str | None) -> SubmitRequest:
+@bp.post("/batch")
+def submit_batch() -> Response:
+    """``{"tasks": [...]}``: each item judged as ``POST /v1/tasks`` would judge it alone, in order.
+
+    200 with one entry per item; the batch itself is refused only when it is
+    not ``{"tasks": [1 to 1,000 items]}`` (400), too large (413) or not JSON
+    (415). ``Prefer: wait`` does not apply; the ``Idempotency-Key`` header is
+    refused (400): each item carries its own ``idempotencyKey``.
+    """
+    org_id = organization_id()
+    raw_items = _batch_items()
+    if "Idempotency-Key" in request.headers:
+        raise ValidationFailed(
+            {"Idempotency-Key": ["Not accepted on a batch: give each task its own idempotencyKey."]},
+            "The Idempotency-Key header does not apply to a batch; give each task its own idempotencyKey.",
+        )
+    schema = SubmitTaskSchema()
+    items = [_batch_item(raw, schema) for raw in raw_items]
+    answers = submit.submit_many(waybill(), org_id, items, request_id=g.request_id)
+    data: list[dict[str, Any]] = []
+    for answer in answers:
+        if isinstance(answer, ServiceError):
+            # The very body the single submission's problem+json would have.
+            data.append({"status": answer.status, "problem": from_service_error(answer).get_json()})
+        else:
+            task, created = answer
+            data.append({"status": 202 if created else 200, "task": task})
+    return _answer({"data": data})
+
+
+def _batch_items() -> list[Any]:
+    """The batch's items: 415 unless JSON, 413 over the size limit, 400 unless ``{"tasks": [...]}``.
+
+    Read as ``json_body`` reads a submission, except for the JSON limits
+    (depth, U+0000), which each item meets on its own (:func:`_batch_item`).
+    """
+    body = raw_json_body("tasks")
+    if not isinstance(body, dict):
+        raise ValidationFailed({"body": ['Must be a JSON object: {"tasks": [...]}.']})
+    try:
+        tasks: list[Any] = SubmitBatchSchema().load(body)["tasks"]
+    except ValidationError as exc:
+        raise ValidationFailed(messages_to_errors(exc.messages)) from None
+    return tasks
+
+
+def _batch_item(raw: Any, schema: SubmitTaskSchema) -> SubmitRequest | ServiceError:
+    """One item as a submission, or the 400 that body would get from ``POST /v1/tasks``.
+
+    The same checks in the same order as ``json_body`` and :func:`_submit_request`,
+    its fields named as in that body (``input.seconds``, not ``tasks.3.input.seconds``).
+    """
+    if not isinstance(raw, dict):
+        return ValidationFailed({"body": ["Must be a JSON object."]})
+    try:
+        check_json_limits(raw)
+        return _submit_request(raw, None, schema)
+    except ValidationFailed as exc:
+        return exc
+
+
+def _submit_request(
+    body: dict[str, Any], header_key: str | None, schema: SubmitTaskSchema | None = None
+) -> SubmitRequest:
     """The body as a submission; the ``Idempotency-Key`` header is the field's alias."""
     try:
-        data = SubmitTaskSchema().load(body)
+        data = (schema or SubmitTaskSchema()).load(body)
     except ValidationError as exc:
         raise ValidationFailed(messages_to_errors(exc.messages)) from None
     key = data["idempotencyKey"]

@@ -61,6 +61,32 @@ class Dispatch:
         self._publish(released)
         return True
 
+    def enqueue_many(self, task_ids: list[str], org_id: str, concurrency_limit: int) -> bool:
+        """Hand committed tasks of one organization to dispatch, in order, in one round trip.
+
+        A batch submission's: the tasks are appended to the organization's
+        waiting list in the given order, then one step releases what has
+        room. Best effort as :meth:`enqueue`: False leaves them to the sweep.
+        """
+        if not task_ids:
+            return True
+        try:
+            released = self.state.enqueue_many_and_step(org_id, task_ids, concurrency_limit)
+        except (redis.RedisError, RuntimeError) as exc:
+            log.warning(
+                "enqueue failed; the sweep will enqueue the tasks",
+                extra={
+                    "event": "task.enqueue_failed",
+                    "task_id": task_ids[0],
+                    "organization_id": org_id,
+                    "status": f"tasks={len(task_ids)}",
+                    "error": type(exc).__name__,
+                },
+            )
+            return False
+        self._publish(released)
+        return True
+
     def finish(self, task_id: str, status: str | None) -> None:
         """A run ended: free its slot, wake ``Prefer: wait`` requests (``status``), refill the slot.
 

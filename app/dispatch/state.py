@@ -104,6 +104,16 @@ class Dispatcher:
             )
         )
 
+    def enqueue_many_and_step(self, org_id: str, task_ids: list[str], concurrency_limit: int) -> list[str]:
+        """Tasks of one organization in one round trip: :meth:`enqueue` each, in order, then :meth:`step`."""
+        enqueue_keys = self._enqueue_keys(org_id)
+
+        def before(pipe: Any) -> None:
+            for task_id in task_ids:
+                _evalsha(pipe, self._enqueue.sha, enqueue_keys, [org_id, task_id, concurrency_limit, "0"])
+
+        return self._pipelined(before)
+
     def finish_and_step(self, task_id: str, *, notify: tuple[str, str] | None = None) -> list[str]:
         """A run's end in one round trip: free its slot, publish ``notify`` (channel, message), step."""
         release_keys = [keys.LEASES, keys.LEASE_ORG, keys.KNOWN, keys.READY]

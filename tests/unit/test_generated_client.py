@@ -74,6 +74,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamesp
             models=importlib.import_module(f"{PACKAGE}.models"),
             submit_task=importlib.import_module(f"{PACKAGE}.api.default.submit_task"),
             get_task=importlib.import_module(f"{PACKAGE}.api.default.get_task"),
+            submit_task_batch=importlib.import_module(f"{PACKAGE}.api.default.submit_task_batch"),
         )
     finally:
         sys.path.remove(str(root))
@@ -201,3 +202,44 @@ def test_problems_parse_with_their_members(generated: SimpleNamespace, app: Flas
     second = m.SubmitEchoTask(type_=m.SubmitEchoTaskType.ECHO, input_=2, idempotency_key="order-9")
     reused = generated.submit_task.sync_detailed(client=api, body=second)
     assert reused.status_code == 422 and reused.parsed.idempotency_key == "order-9"
+
+
+def test_a_batch_answer_parses_as_typed_entries(generated: SimpleNamespace, app: Flask, db: Database) -> None:
+    m = generated.models
+    api = _api(generated, app, make_org(db, "batch", credits=2, queue_limit=2).api_key)
+    echo = m.SubmitEchoTaskType.ECHO
+    keyed = m.SubmitEchoTask(type_=echo, input_=1, idempotency_key="b-1")
+    body = m.SubmitTaskBatch(
+        tasks=[
+            m.SubmitSleepTask(
+                type_=m.SubmitSleepTaskType.SLEEP, input_=m.SleepInput(seconds=1), webhook=m.Webhook(url=HOOK)
+            ),
+            keyed,
+            m.SubmitEchoTask(type_=echo, input_=2, idempotency_key="b-1"),  # 422
+            keyed,  # a replay of the second
+            m.SubmitHttpFetchTask(
+                type_=m.SubmitHttpFetchTaskType.HTTP_FETCH,
+                input_=m.HttpFetchInput(url="https://example.com/"),
+            ),  # no credits left: 402
+        ]
+    )
+    r = generated.submit_task_batch.sync_detailed(client=api, body=body)
+    assert r.status_code == 200 and isinstance(r.parsed, m.TaskBatchResult)
+    first, second, conflict, replay, poor = r.parsed.data
+    for entry in (first, second, replay):
+        assert isinstance(entry, m.BatchTaskEntry) and isinstance(entry.task, m.Task)
+    assert first.status is m.BatchTaskEntryStatus.VALUE_202 and first.task.status is m.TaskStatus.QUEUED
+    assert isinstance(first.task.webhook, m.TaskWebhook) and first.task.webhook.url == HOOK
+    assert replay.status is m.BatchTaskEntryStatus.VALUE_200 and replay.task.task_id == second.task.task_id
+    for entry in (conflict, poor):
+        assert isinstance(entry, m.BatchProblemEntry) and isinstance(entry.problem, m.Problem)
+    assert conflict.status is m.BatchProblemEntryStatus.VALUE_422
+    assert conflict.problem.idempotency_key == "b-1"
+    assert poor.status is m.BatchProblemEntryStatus.VALUE_402
+    assert (poor.problem.balance, poor.problem.cost) == (0, 2)
+
+    too_many = generated.submit_task_batch.sync_detailed(
+        client=api, body=m.SubmitTaskBatch(tasks=[keyed] * 1001)
+    )
+    assert too_many.status_code == 400 and isinstance(too_many.parsed, m.Problem)
+    assert list(too_many.parsed.errors.additional_properties) == ["tasks"]

@@ -84,9 +84,20 @@ class Contract:
         }
 
     def call(
-        self, method: str, template: str, expect: int, *, path: dict[str, str] | None = None, **kwargs: Any
+        self,
+        method: str,
+        template: str,
+        expect: int,
+        *,
+        path: dict[str, str] | None = None,
+        request_valid: bool = True,
+        **kwargs: Any,
     ) -> TestResponse:
-        """One request through the app; its response must have status ``expect`` and match the document."""
+        """One request through the app; its response must have status ``expect`` and match the document.
+
+        ``request_valid=False``: a batch with invalid items, which the server
+        answers 200 (each item its own entry) and the document does not accept.
+        """
         url = template.format(**(path or {}))
         response = self.client.open(url, method=method.upper(), **kwargs)
         assert response.status_code == expect, (method, url, response.get_data(as_text=True))
@@ -97,9 +108,12 @@ class Contract:
             # validator would pass an undeclared member: name them all.
             members = set(self.document["components"]["schemas"]["Problem"]["properties"])
             assert set(response.get_json()) <= members, response.get_json()
-        if 200 <= expect < 300:
+        if 200 <= expect < 300 and request_valid:
             # What the server accepts, the document accepts too.
             self.openapi.validate_request(request)
+        elif not request_valid:
+            with pytest.raises(OpenAPIError):
+                self.openapi.validate_request(request)
         self.seen.add((method.lower(), template, str(expect)))
         return response
 
@@ -162,6 +176,57 @@ def _submissions(c: Contract, db: Database) -> None:
     c.call("post", "/v1/tasks", 202, json={"type": "echo"}, headers=_auth(small))
     full = c.call("post", "/v1/tasks", 429, json={"type": "echo"}, headers=_auth(small)).get_json()
     assert (full["queued"], full["queueLimit"]) == (1, 1)
+
+
+def _batches(c: Contract, db: Database) -> None:
+    """``POST /v1/tasks/batch``: every kind of entry in one answer, and the batch's own refusals."""
+    key = make_org(db, "batcher", credits=4, queue_limit=4).api_key
+    stored = {"type": "echo", "input": 1, "idempotencyKey": "stored"}
+    c.call("post", "/v1/tasks", 202, json=stored, headers=_auth(key))
+    valid = [
+        {"type": "sleep", "input": {"seconds": 0.5}, "webhook": {"url": HOOK}, "metadata": {"m": 1}},
+        {"type": "echo", "idempotencyKey": "new"},
+        {"type": "echo", "idempotencyKey": "new"},
+        stored,
+    ]
+    data = c.call("post", "/v1/tasks/batch", 200, json={"tasks": valid}, headers=_auth(key)).get_json()[
+        "data"
+    ]
+    assert [e["status"] for e in data] == [202, 202, 200, 200]
+    mixed = [
+        {"type": "http.fetch", "input": {"url": "https://example.com/"}},  # cost 2, 1 credit left: 402
+        {**stored, "input": 2},  # 422
+        {"type": "sleep", "input": {"seconds": 301}},  # 400
+        "not a submission",  # 400
+        {"type": "echo"},  # the last credit and queue place
+        {"type": "echo", "input": "\u0000"},  # 400
+    ]
+    data = c.call(
+        "post", "/v1/tasks/batch", 200, json={"tasks": mixed}, headers=_auth(key), request_valid=False
+    ).get_json()["data"]
+    assert [e["status"] for e in data] == [402, 422, 400, 400, 202, 400]
+    full = make_org(db, "batch-full", queue_limit=0).api_key
+    data = c.call("post", "/v1/tasks/batch", 200, json={"tasks": [{"type": "echo"}]}, headers=_auth(full))
+    assert [e["status"] for e in data.get_json()["data"]] == [429]
+    members = set(c.document["components"]["schemas"]["Problem"]["properties"])
+    assert all(set(e["problem"]) <= members for e in data.get_json()["data"])
+    refused: list[dict[str, Any]] = [
+        {"tasks": []},
+        {"tasks": [{"type": "echo"}] * 1001},
+        {"task": [{"type": "echo"}]},
+    ]
+    for body in refused:
+        c.call("post", "/v1/tasks/batch", 400, json=body, headers=_auth(key))
+    c.call(
+        "post",
+        "/v1/tasks/batch",
+        400,
+        json={"tasks": [{"type": "echo"}]},
+        headers={**_auth(key), "Idempotency-Key": "k"},
+    )
+    raw = json.dumps({"tasks": [{"type": "echo", "input": "x" * 1_100_000}]})
+    c.call("post", "/v1/tasks/batch", 413, data=raw, content_type="application/json", headers=_auth(key))
+    c.call("post", "/v1/tasks/batch", 415, data="tasks", content_type="text/plain", headers=_auth(key))
 
 
 def _tasks(c: Contract, db: Database) -> None:
@@ -257,6 +322,7 @@ def test_every_declared_response_is_real_and_matches_the_document(
     contract: Contract, db: Database, fake_server: fakeredis.FakeServer
 ) -> None:
     _submissions(contract, db)
+    _batches(contract, db)
     _tasks(contract, db)
     _organization(contract, db)
     _every_v1_operation_refuses(contract, db)
@@ -328,3 +394,64 @@ def test_the_document_accepts_a_submission_exactly_when_the_server_does(
     else:
         with pytest.raises(OpenAPIError):
             contract.openapi.validate_request(request)
+
+
+@pytest.mark.parametrize(
+    ("body", "valid"),
+    [
+        ({"type": "sleep", "input": {"seconds": 1}, "webhook": {"url": HOOK}}, True),
+        ({"type": "echo", "input": None, "webhook": None, "idempotencyKey": "k"}, True),
+        ({"type": "echo", "webhook": {"foo": 1}}, False),
+        ({"type": "sleep", "input": {"seconds": "x"}}, False),
+        ({"type": "http.fetch", "input": {"url": "https://example.com/", "method": "POST"}}, False),
+        ({"type": "no-such-type"}, False),
+    ],
+)
+def test_the_document_accepts_a_batch_item_exactly_when_the_server_accepts_it(
+    contract: Contract, db: Database, body: dict[str, Any], valid: bool
+) -> None:
+    key = make_org(db).api_key
+    served = contract.client.post("/v1/tasks/batch", json={"tasks": [body]}, headers=_auth(key))
+    assert served.status_code == 200
+    assert served.get_json()["data"][0]["status"] == (202 if valid else 400)
+    request = Contract.request("post", "/v1/tasks/batch", json={"tasks": [body]}, headers=_auth(key))
+    if valid:
+        contract.openapi.validate_request(request)
+    else:
+        with pytest.raises(OpenAPIError):
+            contract.openapi.validate_request(request)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"tasks": []}, {"tasks": [{"type": "echo"}] * 1001}, {"tasks": [{"type": "echo"}], "more": 1}, []],
+)
+def test_the_document_refuses_the_batches_the_server_refuses(
+    contract: Contract, db: Database, body: Any
+) -> None:
+    key = make_org(db).api_key
+    assert contract.client.post("/v1/tasks/batch", json=body, headers=_auth(key)).status_code == 400
+    with pytest.raises(OpenAPIError):
+        contract.openapi.validate_request(Contract.request("post", "/v1/tasks/batch", json=body))
+
+
+def test_a_batch_entry_that_is_neither_kind_does_not_validate(contract: Contract, db: Database) -> None:
+    """A self-check of the union: each entry is a task with 200 or 202, or a problem with a 4xx."""
+    key = make_org(db).api_key
+    real = contract.client.post("/v1/tasks/batch", json={"tasks": [{"type": "echo"}]}, headers=_auth(key))
+    request = Contract.request("post", "/v1/tasks/batch", json={"tasks": [{"type": "echo"}]})
+    contract.openapi.validate_response(request, WerkzeugOpenAPIResponse(real))
+    entry = real.get_json()["data"][0]
+    problem = {"type": "t", "title": "t", "status": 402, "detail": "d"}
+    for wrong in (
+        {**entry, "status": 201},
+        {"status": 402, "task": entry["task"]},
+        {"status": 202, "problem": problem},
+        {"status": 402, "problem": problem, "task": entry["task"]},
+        {"status": 202},
+    ):
+        body = json.dumps({"data": [wrong]})
+        with pytest.raises(OpenAPIError):
+            contract.openapi.validate_response(
+                request, WerkzeugOpenAPIResponse(Response(body, status=200, mimetype="application/json"))
+            )
