@@ -71,7 +71,7 @@ scale: install
 	SCALE_REPORT=$${SCALE_REPORT:-tests/scale/last-run.json} \
 	$(BIN)/pytest tests/scale -s -p no:cacheprovider $(PYTEST_ARGS)
 
-# make bench: the whole suite (under 20 minutes); make bench BENCH_ARGS=--quick: a 2-minute smoke run.
+# make bench: the whole suite (about 23 minutes); make bench BENCH_ARGS=--quick: a 2-minute smoke run.
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
