@@ -250,10 +250,16 @@ TAKE_PLACES = (
     .returning(st.ORGS.c.concurrency_limit)
 )
 # Some do not: the row under its lock, judged item by item, then moved by what was accepted.
+# FOR NO KEY UPDATE, not FOR UPDATE: the batch's task and ledger inserts
+# already hold FOR KEY SHARE on this row (their foreign keys), and so do a
+# concurrent batch's; FOR UPDATE conflicts with KEY SHARE, so two batches
+# each waited for the other's share lock: a deadlock PostgreSQL broke after
+# deadlock_timeout with a 503 (seen in CI). NO KEY UPDATE does not conflict
+# with KEY SHARE and still serializes the batches judging this row.
 LOCK_ORG = (
     select(st.ORGS.c.credits, st.ORGS.c.queued, st.ORGS.c.queue_limit, st.ORGS.c.concurrency_limit)
     .where(st.ORGS.c.id == bindparam("p_org"))
-    .with_for_update()
+    .with_for_update(key_share=True)
 )
 MOVE_ORG = (
     update(st.ORGS)
