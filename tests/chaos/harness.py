@@ -46,6 +46,22 @@ from config.settings import Settings
 from tests.processes import Process as Proc
 from tests.support.rabbitmq import AMQP_URL_ENV, rabbitmqctl, vhost, vhost_of
 
+# Settings of a run under faults (this one and tests/scale's): short leases,
+# sweeps and retries, so that what a fault drops comes back within the run.
+FAULT_ENV = {
+    "WEBHOOK_ALLOW_PRIVATE": "true",
+    "FETCH_ALLOW_PRIVATE": "true",
+    "WEBHOOK_RETRY_BASE_SECONDS": "0.3",
+    "WEBHOOK_TIMEOUT_SECONDS": "1.5",
+    "TASK_LEASE_SECONDS": "3",
+    "SWEEP_INTERVAL_SECONDS": "1",
+    "SWEEP_GRACE_SECONDS": "2",
+    "DISPATCH_RELEASE_LEASE_SECONDS": "15",
+    "DISPATCH_QUEUE_TARGET": "8",
+    "LOG_LEVEL": "INFO",
+    "PYTHONUNBUFFERED": "1",
+}
+
 
 @dataclass
 class ChaosConfig:
@@ -651,17 +667,7 @@ def _platform(root: Path, cfg: ChaosConfig) -> Iterator[dict[str, Any]]:
         "DATABASE_URL": url,
         "REDIS_URL": redis.url,
         "VAR_DIR": str(root / "var"),
-        "WEBHOOK_ALLOW_PRIVATE": "true",
-        "FETCH_ALLOW_PRIVATE": "true",
-        "WEBHOOK_RETRY_BASE_SECONDS": "0.3",
-        "WEBHOOK_TIMEOUT_SECONDS": "1.5",
-        "TASK_LEASE_SECONDS": "3",
-        "SWEEP_INTERVAL_SECONDS": "1",
-        "SWEEP_GRACE_SECONDS": "2",
-        "DISPATCH_RELEASE_LEASE_SECONDS": "15",
-        "DISPATCH_QUEUE_TARGET": "8",
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
+        **FAULT_ENV,
     }
     port = free_port()
     py = sys.executable

@@ -35,22 +35,13 @@ from sqlalchemy import select
 
 from app.db import Database
 from app.models import Task
-from tests.chaos.harness import Receiver, Report, check_books
+from tests.chaos.harness import FAULT_ENV, Receiver, Report, check_books
 from tests.support import Org, Process, Stack, make_org, wait_for
 
 ENV = {
-    "WEBHOOK_ALLOW_PRIVATE": "true",
-    "FETCH_ALLOW_PRIVATE": "true",
-    "WEBHOOK_RETRY_BASE_SECONDS": "0.3",
-    "WEBHOOK_TIMEOUT_SECONDS": "1.5",
-    "TASK_LEASE_SECONDS": "3",
-    "SWEEP_INTERVAL_SECONDS": "1",
-    "SWEEP_GRACE_SECONDS": "2",
-    "DISPATCH_RELEASE_LEASE_SECONDS": "15",
+    **FAULT_ENV,
     # Twice the task slots of the whole fleet (3 nodes x 2), as docs/dispatch.rst advises.
     "DISPATCH_QUEUE_TARGET": "12",
-    "LOG_LEVEL": "INFO",
-    "PYTHONUNBUFFERED": "1",
 }
 
 
