@@ -23,7 +23,9 @@ from app import redis_conn
 from app.db import Database
 from app.embedded_redis import EmbeddedRedis
 from tests.support import Receiver, Stack, empty_tables
+from tests.support import redis_topologies as topologies
 from tests.support.rabbitmq import AMQP_URL_ENV, vhost
+from tests.support.redis_topologies import ClusterSetup
 
 # The outcome of a test's call phase, for its fixtures' teardown to read.
 CALL_REPORT = pytest.StashKey[pytest.TestReport]()
@@ -101,3 +103,12 @@ def private_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "redis", persist=False).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    """A three-master Redis Cluster of this module's own (``tests/support/redis_topologies.py``)."""
+    if not topologies.available():
+        pytest.skip("redis-server and redis-cli (Redis 7) are needed for a Redis Cluster")
+    with topologies.redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as setup:
+        yield setup

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,7 +23,6 @@ from app.dispatch import keys as dispatch_keys
 from app.embedded_redis import free_port
 from app.models import CreditEntry, Task
 from tests.support import Org, Stack, wait_for
-from tests.support import redis_topologies as topologies
 from tests.support.orgs import ledger_sum, organization
 from tests.support.redis_topologies import ClusterSetup
 from tests.unit import test_batch as on_fakeredis
@@ -221,14 +220,6 @@ def test_a_batch_accepted_while_redis_is_away_runs_once_the_sweep_finds_it(
 
 
 # -- dispatch on a Redis Cluster ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
-    if not topologies.available():
-        pytest.skip("redis-server and redis-cli (Redis 7) are needed for a Redis Cluster")
-    with topologies.redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as setup:
-        yield setup
 
 
 @pytest.mark.parametrize(

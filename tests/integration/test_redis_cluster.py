@@ -32,7 +32,6 @@ from app.dispatch import Dispatcher, DispatchSettings, keys
 from app.models import Task
 from app.services.waiting import Waiter
 from tests.support import Api, Receiver, Stack, wait_for
-from tests.support import redis_topologies as topologies
 from tests.support.rabbitmq import AMQP_URL_ENV, vhost
 from tests.support.receiver import event_task_id
 from tests.support.redis_topologies import ClusterSetup
@@ -41,14 +40,6 @@ from tests.unit import test_dispatch as on_fakeredis
 pytestmark = pytest.mark.integration
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
-    if not topologies.available():
-        pytest.skip("redis-server and redis-cli (Redis 7) are needed for a Redis Cluster")
-    with topologies.redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as setup:
-        yield setup
 
 
 @pytest.fixture
