@@ -17,7 +17,6 @@ import os
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from app.migrate import upgrade
 from app.models import Organization, Task
 from app.models.base import utcnow
 from tests.support import ROOT, Org, Process, Stack
+from tests.support.databases import fresh_postgresql
 
 RESULTS = Path(__file__).parent / "results"
 DB_KINDS = ("sqlite", "postgresql")
@@ -73,18 +73,8 @@ def database(kind: str, workdir: Path) -> Iterator[str]:
         yield url
         return
     admin_url = os.environ.get("BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    name = f"waybill_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
+    with fresh_postgresql(admin_url, "waybill_bench") as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,6 @@ import pwd
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,15 +28,14 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import NullPool
 
 from app.db import Database
 from app.embedded_redis import free_port
-from app.migrate import upgrade
 from tests.support import Api, Receiver, Stack, wait_for
+from tests.support.databases import fresh_postgresql
 from tests.support.orgs import ledger_sum
 
 pytestmark = pytest.mark.integration
@@ -59,20 +57,10 @@ def migrated(database_url: str) -> Iterator[str]:
     url = make_url(database_url)
     if url.get_backend_name() != "postgresql":
         pytest.skip("DATABASE_URL is not PostgreSQL: there is nothing for PgBouncer to pool")
-    name = f"waybill_pgbouncer_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    fresh = url.set(database=name).render_as_string(hide_password=False)
-    try:
-        # Directly, not through PgBouncer: migrations are run that way (one
-        # transaction of DDL, by one process).
-        upgrade(fresh)
+    # Migrated directly, not through PgBouncer: migrations are run that way
+    # (one transaction of DDL, by one process).
+    with fresh_postgresql(database_url, "waybill_pgbouncer") as fresh:
         yield fresh
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
