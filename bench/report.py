@@ -163,3 +163,13 @@ def summary_chart(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def get(d: dict[str, Any], *path: str) -> float:
+    """A nested figure, or NaN when a benchmark failed or skipped it."""
+    cur: Any = d
+    for key in path:
+        if not isinstance(cur, dict) or key not in cur:
+            return math.nan
+        cur = cur[key]
+    return float(cur) if isinstance(cur, int | float) else math.nan

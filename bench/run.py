@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import capacity, latency, memory, processing, queue_latency, submission, versus, webhooks
 from bench.harness import DB_KINDS, write_results
-from bench.report import Target, summary_chart, table
+from bench.report import Target, get, summary_chart, table
 
 NAN = float("nan")
 
@@ -97,16 +97,6 @@ def attempt(name: str, db: str, fn: Callable[[], dict[str, Any]]) -> dict[str, A
         flush=True,
     )
     return out
-
-
-def get(d: dict[str, Any], *path: str) -> float:
-    """A nested figure, or NaN when a benchmark failed or skipped it."""
-    cur: Any = d
-    for key in path:
-        if not isinstance(cur, dict) or key not in cur:
-            return NAN
-        cur = cur[key]
-    return float(cur) if isinstance(cur, int | float) else NAN
 
 
 def targets_and_rows(results: dict[str, list[dict[str, Any]]]) -> tuple[list[Target], list[list[Any]]]:

@@ -13,7 +13,7 @@ Three sides run beside each other on one Redis (the broker) and one kind of data
     ``VAR_DIR`` (a temporary directory), ``HTTP_PORT`` and ``FLOWER_PORT``
     (free ports) set, plus ``DATABASE_URL`` on PostgreSQL: honcho runs the
     Procfile (``waybill serve`` with its default ``WEB_CONCURRENCY=4``, both
-    workers with ``-E`` and log level INFO, beat, Flower), its own embedded
+    workers with task events (``TASK_EVENTS``) and log level INFO, beat, Flower), its own embedded
     Redis (append-only file on), the SQLite file under ``VAR_DIR``; the demo
     organization it makes is given credits with ``waybill org credit``.
 
@@ -79,7 +79,7 @@ from app.embedded_redis import free_port
 from bench import baseline_app, handwritten
 from bench.harness import DB_KINDS, database, platform, summary, write_results
 from bench.latency import webhook_sample
-from bench.report import Target, bar_chart, table
+from bench.report import Target, bar_chart, get, table
 from config import Settings
 from tests.support import ROOT, Process, Receiver, Stack, answer_no_content
 
@@ -743,15 +743,6 @@ def run(
 # --- report ----------------------------------------------------------------------------------------
 
 
-def _get(d: dict[str, Any], *path: str) -> float:
-    cur: Any = d
-    for key in path:
-        if not isinstance(cur, dict) or key not in cur:
-            return NAN
-        cur = cur[key]
-    return float(cur) if isinstance(cur, int | float) else NAN
-
-
 def rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Every compared figure of one run: measure, Waybill, reference, ratio and its target if any."""
     sub, e2e, lat, batch = (r.get(k, {}) for k in ("submission", "end_to_end", "latency", "batch"))
@@ -772,49 +763,49 @@ def rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         row(
             f"submissions/s, {sub.get('clients', '?')} clients, worker consuming",
             "bare endpoint",
-            _get(sub, "waybill", "rate_per_s"),
-            _get(sub, "bare", "rate_per_s"),
+            get(sub, "waybill", "rate_per_s"),
+            get(sub, "bare", "rate_per_s"),
             "submission",
         ),
         row(
             "submissions/s, same",
             "hand-written",
-            _get(sub, "waybill", "rate_per_s"),
-            _get(sub, "handwritten", "rate_per_s"),
+            get(sub, "waybill", "rate_per_s"),
+            get(sub, "handwritten", "rate_per_s"),
         ),
         row(
             f"batch tasks/s ({batch.get('batch_size', '?')} per request)",
             "single submissions",
-            _get(batch, "waybill", "rate_per_s"),
-            _get(batch, "single_per_s"),
+            get(batch, "waybill", "rate_per_s"),
+            get(batch, "single_per_s"),
             "batch",
         ),
         row(
             f"submit->finished tasks/s ({tasks:,}, no webhook)",
             "hand-written",
-            _get(e2e, "waybill", "rate_per_s"),
-            _get(e2e, "handwritten", "rate_per_s"),
+            get(e2e, "waybill", "rate_per_s"),
+            get(e2e, "handwritten", "rate_per_s"),
             "end_to_end",
         ),
         row(
             "submit->finished tasks/s, same",
             "raw Celery no-op",
-            _get(e2e, "waybill", "rate_per_s"),
-            _get(e2e, "raw_celery", "rate_per_s"),
+            get(e2e, "waybill", "rate_per_s"),
+            get(e2e, "raw_celery", "rate_per_s"),
             "end_to_end_raw",
         ),
         row(
             "idle submit->webhook p50 ms",
             "hand-written",
-            _get(lat, "waybill", "p50"),
-            _get(lat, "handwritten", "p50"),
+            get(lat, "waybill", "p50"),
+            get(lat, "handwritten", "p50"),
             "latency",
         ),
         row(
             "idle submit->webhook p95 ms",
             "hand-written",
-            _get(lat, "waybill", "p95"),
-            _get(lat, "handwritten", "p95"),
+            get(lat, "waybill", "p95"),
+            get(lat, "handwritten", "p95"),
         ),
     ]
     if batch and not batch.get("available", False):
@@ -873,9 +864,9 @@ def chart(results: list[dict[str, Any]]) -> None:
         "Submit -> finished (tasks/s, no webhook)",
         groups,
         {
-            "waybill": [_get(r, "end_to_end", "waybill", "rate_per_s") for r in results],
-            "hand-written": [_get(r, "end_to_end", "handwritten", "rate_per_s") for r in results],
-            "raw celery no-op": [_get(r, "end_to_end", "raw_celery", "rate_per_s") for r in results],
+            "waybill": [get(r, "end_to_end", "waybill", "rate_per_s") for r in results],
+            "hand-written": [get(r, "end_to_end", "handwritten", "rate_per_s") for r in results],
+            "raw celery no-op": [get(r, "end_to_end", "raw_celery", "rate_per_s") for r in results],
         },
         "tasks/s",
     )
