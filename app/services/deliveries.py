@@ -128,6 +128,11 @@ _TASK_WEBHOOK = (
 )
 
 
+def hold_seconds(timeout_seconds: float) -> float:
+    """How long a claimed attempt is its sender's: its deadline, and time to record it."""
+    return timeout_seconds + 30
+
+
 def claim_attempt(
     session: Session,
     delivery_id: str,

@@ -22,16 +22,15 @@ from app.usecases.unit_of_work import UnitOfWork
 log = logging.getLogger("waybill.worker")
 
 
-def hold_seconds(wb: Waybill) -> float:
-    """How long a claimed attempt is ours: its deadline, and time to record it."""
-    return wb.settings.webhook_timeout_seconds + 30
-
-
 def deliver(wb: Waybill, delivery_id: str) -> str:
     """The attempt's outcome (``delivered``, ``http_error``, ``error``...), or ``skipped``."""
     try:
         with UnitOfWork(wb.db) as uow:
-            plan = deliveries.claim_attempt(uow.session, delivery_id, hold_seconds=hold_seconds(wb))
+            plan = deliveries.claim_attempt(
+                uow.session,
+                delivery_id,
+                hold_seconds=deliveries.hold_seconds(wb.settings.webhook_timeout_seconds),
+            )
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -55,16 +55,17 @@ class FirstAttempts:
 
     def start(self, plan: Any) -> None:
         """Send a claimed attempt on the thread :meth:`reserve` held."""
-        pool = self._pool
-        try:
-            assert pool is not None
-            pool.submit(self._run, plan)
-        except (RuntimeError, AssertionError):  # the pool is shutting down with the process
-            self.release()
-            log.warning(
-                "first webhook attempt left to the sweep",
-                extra={"event": "webhook.first_attempt_failed", "webhook_id": plan.delivery_id},
-            )
+        if self._pool is not None:
+            try:
+                self._pool.submit(self._run, plan)
+                return
+            except RuntimeError:  # the pool is shutting down with the process
+                pass
+        self.release()
+        log.warning(
+            "first webhook attempt left to the sweep",
+            extra={"event": "webhook.first_attempt_failed", "webhook_id": plan.delivery_id},
+        )
 
     def release(self) -> None:
         """Give back a thread that :meth:`reserve` held and that has nothing to send."""

@@ -39,7 +39,7 @@ class RunSettings:
     max_attempts: int
     allow_private_targets: bool
     retention_days: float = 30.0
-    # A first webhook attempt claimed with the result is ours this long (its deadline + 30 s).
+    # A first webhook attempt claimed with the result is ours this long (deliveries.hold_seconds).
     webhook_hold_seconds: float = 40.0
 
 
@@ -49,7 +49,7 @@ def settings_of(settings: Settings) -> RunSettings:
         max_attempts=settings.task_max_attempts,
         allow_private_targets=settings.fetch_allow_private,
         retention_days=settings.result_retention_days,
-        webhook_hold_seconds=settings.webhook_timeout_seconds + 30,
+        webhook_hold_seconds=deliveries.hold_seconds(settings.webhook_timeout_seconds),
     )
 
 
