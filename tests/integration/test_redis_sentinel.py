@@ -172,9 +172,13 @@ def test_a_sentinel_failover_under_load_loses_no_accepted_task(
     assert failover.promoted is sentinel.replica and failover.lost_bytes > 0
     assert sum(out.answers.values()) == 2 * SUBMISSIONS_PER_CLIENT
     assert out.answers["202"] >= SUBMISSIONS_PER_CLIENT  # most requests are accepted through a failover
-    # The failover did hit Waybill: what dispatch or the broker dropped, the sweep handed on again.
+    # The failover did hit Waybill, and the sweep repaired it from SQL. Which of
+    # its repairs ran depends on what the lost writes held (CI under load lost
+    # the epoch key itself, so the sweep rebuilt the whole state and had
+    # nothing left to republish): any of them proves the path was taken.
     events = Counter(rec.get("event") for proc in stack.procs for rec in proc.log_records())
-    assert events["sweep.republished"] >= 1, events
+    repairs = events["sweep.republished"] + events["dispatch.rebuilt"] + events["dispatch.restored"]
+    assert repairs >= 1, events
 
     with stack.db.session() as s:
         tasks = {
