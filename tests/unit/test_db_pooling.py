@@ -229,3 +229,26 @@ def test_an_idle_pooled_connection_is_pinged_and_a_dead_one_replaced(
         assert len(pings) >= 1
     finally:
         db.dispose()
+
+
+def test_reads_run_in_autocommit_and_leave_writes_transactional(postgresql_url: str) -> None:
+    """A read session opens no transaction (no BEGIN, no COMMIT: two round trips fewer).
+
+    One pooled connection serves both kinds in turn: the autocommit of a read
+    must not leak into the next write session on that connection.
+    """
+    db = Database(postgresql_url, pool_size=1, max_overflow=0)
+    try:
+        for _ in range(2):
+            with db.read_session() as s:
+                assert s.execute(text("SELECT 1")).scalar_one() == 1
+                raw = s.connection().connection.dbapi_connection
+                assert isinstance(raw, psycopg.Connection)
+                assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            with db.session() as s:
+                assert s.execute(text("SELECT 1")).scalar_one() == 1
+                raw = s.connection().connection.dbapi_connection
+                assert isinstance(raw, psycopg.Connection)
+                assert raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    finally:
+        db.dispose()
