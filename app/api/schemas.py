@@ -90,6 +90,14 @@ class TaskWebhookSchema(Schema):
     attempts = fields.Integer()
 
 
+class ProgressSchema(Schema):
+    fraction = fields.Float(
+        allow_none=True, validate=validate.Range(0, 1), metadata={"description": "0 to 1, or null"}
+    )
+    message = fields.String(allow_none=True)
+    updatedAt = fields.String(required=True, metadata={"format": "date-time"})
+
+
 class TaskSchema(Schema):
     taskId = fields.String(required=True)
     type = fields.String(required=True)
@@ -101,6 +109,15 @@ class TaskSchema(Schema):
     metadata = fields.Dict(allow_none=True)
     cost = fields.Integer(required=True)
     webhook = fields.Nested(TaskWebhookSchema, allow_none=True)
+    progress = fields.Nested(
+        ProgressSchema,
+        allow_none=True,
+        metadata={"description": "(1.1) what the task type last reported; null if it never did"},
+    )
+    cancelAfter = fields.Integer(
+        allow_none=True,
+        metadata={"description": "(1.1) seconds after submission at which an unfinished task is canceled"},
+    )
     createdAt = fields.String(required=True, metadata={"format": "date-time"})
     startedAt = fields.String(allow_none=True, metadata={"format": "date-time"})
     completedAt = fields.String(allow_none=True, metadata={"format": "date-time"})

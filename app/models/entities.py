@@ -108,6 +108,8 @@ class Task(Base):
         Index("ix_tasks_status_dispatched", "status", "dispatched_at"),
         Index("ix_tasks_status_lease", "status", "lease_expires_at"),
         Index("ix_tasks_status_id", "status", "id"),
+        # The deadline job: queued and running tasks past their deadline_at.
+        Index("ix_tasks_status_deadline", "status", "deadline_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -135,6 +137,15 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # What the task type last reported: {"fraction", "message", "updatedAt"};
+    # progress_seq counts the reports stored (the events' ids derive from it).
+    progress: Mapped[Any] = mapped_column(JSONValue, nullable=True)
+    progress_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # cancelAfter as submitted (seconds), and the instant it gives.
+    cancel_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # webhook.events, comma-separated; None: the three final events.
+    webhook_events: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # completed_at + RESULT_RETENTION_DAYS: after it the task answers 404 and
     # the retention job deletes it with its deliveries and attempts.
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True, index=True)

@@ -33,6 +33,8 @@ def represent(task: Task) -> dict[str, Any]:
             if task.webhook_url
             else None
         ),
+        "progress": task.progress,
+        "cancelAfter": task.cancel_after,
         "createdAt": iso(task.created_at),
         "startedAt": iso(task.started_at),
         "completedAt": iso(task.completed_at),
