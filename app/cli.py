@@ -193,8 +193,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         f"{settings.http_host}:{settings.http_port}",
         "--workers",
         str(settings.web_concurrency),
+        # Ordinary requests keep web_threads whatever the streams hold: each
+        # open event stream holds a thread, bounded per process (app/api/events.py).
         "--threads",
-        str(settings.web_threads),
+        str(settings.web_threads + max(0, settings.event_streams_per_process)),
         "app.wsgi:app",
     ]
     os.execvp(argv[0], argv)

@@ -13,6 +13,7 @@ from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher
 from app.services.task_types import Registry
 from app.services.waiting import Waiter
 from app.usecases.first_attempt import FirstAttempts
+from app.usecases.progress import ProgressWriter
 from config import Settings
 
 
@@ -27,6 +28,7 @@ class Waybill:
     _dispatch: Dispatch | None = None
     waiter: Waiter = field(default_factory=lambda: Waiter(8))
     _first_attempts: FirstAttempts | None = None
+    _progress: ProgressWriter | None = None
 
     @property
     def redis(self) -> redis.Redis:
@@ -67,6 +69,13 @@ class Waybill:
                 self.settings.webhook_first_attempt_threads,
             )
         return self._first_attempts
+
+    @property
+    def progress(self) -> ProgressWriter:
+        """Where a tasks worker's handlers report progress (stored about once a second per task)."""
+        if self._progress is None:
+            self._progress = ProgressWriter(self.db, self.dispatch.notify, deliver=self.dispatch.deliver)
+        return self._progress
 
     @property
     def dispatch(self) -> Dispatch:

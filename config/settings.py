@@ -78,6 +78,10 @@ class Settings:
     # Requests per web process that may hold for `Prefer: wait` at once; the
     # rest answer at once. Keep it below web_threads.
     wait_max_concurrent: int = 8
+    # Event streams (GET /v1/tasks/{id}/events) a web process serves at once,
+    # each on a thread of its own that `waybill serve` adds to web_threads;
+    # past it a stream answers 503 (docs/performance.rst). 0: streams off.
+    event_streams_per_process: int = 200
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""
     log_level: str = "INFO"

@@ -24,7 +24,13 @@ _DB_RETRY: dict[str, object] = {
 def run_task(task_id: str) -> str:
     wb = current()
     outcome = run.execute(
-        wb.db, wb.registry, run.settings_of(wb.settings), task_id, wb.dispatch, wb.first_attempts
+        wb.db,
+        wb.registry,
+        run.settings_of(wb.settings),
+        task_id,
+        wb.dispatch,
+        wb.first_attempts,
+        wb.progress,
     )
     return outcome.status or "skipped"
 

@@ -88,6 +88,28 @@ PREFER = {
     "schema": {"type": "string", "example": "wait=10"},
     "description": "wait=N (N <= 60): hold the response until the task is final or N seconds pass.",
 }
+LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "the id of the last event received: the stream goes on after it",
+}
+CANCEL_AFTER = {
+    "name": "Cancel-After",
+    "in": "header",
+    "required": False,
+    "schema": {
+        "type": "string",
+        "maxLength": 32,
+        "pattern": "^([0-9]+|([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?)$",
+        "example": "15m",
+    },
+    "description": (
+        "(1.1) An alias of the body's cancelAfter: seconds (`90`) or a duration (`90s`, `15m`, `2h`, "
+        "`1h30m`, `7d`), 1 s to 7 days; both and different: 400."
+    ),
+}
 NUL_IN_QUERY = "a query string value contains U+0000 (the problem's `errors` names the parameter)"
 AUTH_LIMITED = "too many failed authentications from this address (unauthenticated requests only)"
 
@@ -251,6 +273,7 @@ def build_spec() -> dict[str, Any]:
                     "operationId": "submitTask",
                     "parameters": [
                         PREFER,
+                        CANCEL_AFTER,
                         {
                             "name": "Idempotency-Key",
                             "in": "header",
@@ -281,7 +304,10 @@ def build_spec() -> dict[str, Any]:
                         "422": _problem("The idempotency key was used with a different request"),
                     },
                 },
-                bad_request="Invalid body, unknown type, bad input or bad URL (`errors` names the fields)",
+                bad_request=(
+                    "Invalid body, unknown type, bad input, bad URL, or a bad or conflicting "
+                    "Cancel-After or Idempotency-Key header (`errors` names the fields)"
+                ),
                 too_many="The organization's queue is full (`queued` and `queueLimit`)",
             ),
             "get": _v1(
@@ -310,9 +336,17 @@ def build_spec() -> dict[str, Any]:
                         "task, or its status and the problem the single submission would have "
                         "answered. A key used by an earlier accepted item of the batch is a replay of "
                         "that item's task (200), or 422 for a different request. `Prefer: wait` does "
-                        "not apply, and the `Idempotency-Key` header is refused (400)."
+                        "not apply, and the `Idempotency-Key` header is refused (400). A `Cancel-After` "
+                        "header applies to every item, as if each were submitted alone with it (an "
+                        "item whose `cancelAfter` differs is that item's 400)."
                     ),
                     "operationId": "submitTaskBatch",
+                    "parameters": [
+                        {
+                            **CANCEL_AFTER,
+                            "description": "(1.1) The cancelAfter of every item; malformed: 400.",
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("SubmitTaskBatch")}},
@@ -325,7 +359,7 @@ def build_spec() -> dict[str, Any]:
                 },
                 bad_request=(
                     'Not `{"tasks": [...]}` with 1 to 1,000 items (`errors` names the field), '
-                    "or an Idempotency-Key header"
+                    "an Idempotency-Key header, or a malformed Cancel-After header"
                 ),
             )
         },
@@ -341,6 +375,35 @@ def build_spec() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("Task"), "The task", **{"Preference-Applied": PREFERENCE_APPLIED}),
                         **NOT_FOUND,
+                    },
+                }
+            )
+        },
+    )
+    spec.path(
+        path="/v1/tasks/{taskId}/events",
+        operations={
+            "get": _v1(
+                {
+                    "summary": "(1.1) The task's events as Server-Sent Events: history, then live",
+                    "description": (
+                        "`text/event-stream`: each event has `id:` (increasing per task), `event:` "
+                        "(task.queued, task.started, task.progress, task.succeeded, task.failed, "
+                        "task.canceled) and `data:` the task representation at that moment; comment "
+                        "lines keep an idle stream alive; the stream ends after the final event."
+                    ),
+                    "operationId": "streamTaskEvents",
+                    "parameters": [TASK_ID, LAST_EVENT_ID],
+                    "responses": {
+                        "200": {
+                            "description": "The event stream",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **NOT_FOUND,
+                        "503": _problem(
+                            "This server process serves as many event streams as it may; retry later",
+                            **{"Retry-After": RETRY_AFTER},
+                        ),
                     },
                 }
             )

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
 from app.models import TaskStatus
+from app.services.errors import ValidationFailed
 
 METADATA_MAX_BYTES = 4096
+CANCEL_AFTER_MAX = 604800  # seconds: 7 days
+CANCEL_AFTER_RANGE = validate.Range(
+    min=1, max=CANCEL_AFTER_MAX, error=f"Must be from 1 to {CANCEL_AFTER_MAX} seconds (7 days)."
+)
 
 
 def printable(value: str) -> None:
@@ -37,6 +43,20 @@ class SubmitTaskSchema(Schema):
         validate=[validate.Length(min=1, max=255), printable],
     )
     metadata = fields.Dict(keys=fields.String(), allow_none=True, load_default=None)
+    # strict: 90, not "90", 90.0 or true; the Cancel-After header takes the duration forms.
+    cancelAfter = fields.Integer(
+        strict=True,
+        allow_none=True,
+        load_default=None,
+        validate=CANCEL_AFTER_RANGE,
+        metadata={
+            "description": (
+                "(1.1) Seconds after submission at which the task, if still queued or running, is "
+                "canceled with error.code deadline_exceeded (checked periodically: it may fire a few "
+                "seconds late)."
+            )
+        },
+    )
 
     @validates("metadata")
     def _metadata_size(self, value: dict[str, Any] | None, **_: Any) -> None:
@@ -45,6 +65,44 @@ class SubmitTaskSchema(Schema):
         size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
         if size > METADATA_MAX_BYTES:
             raise ValidationError(f"Must be at most {METADATA_MAX_BYTES} bytes as JSON ({size}).")
+
+
+# The Cancel-After header: whole seconds ("90"), or a duration of whole days,
+# hours, minutes and seconds, each at most once and in that order ("90s",
+# "15m", "2h", "7d", "1h30m"). ASCII digits and lower case only ("M" could be
+# read as months). Longer than any valid form, a value is refused unread, so
+# a long header cannot cost a big-integer conversion.
+_DURATION = re.compile(r"([0-9]+)|(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_UNIT_SECONDS = (1, 86400, 3600, 60, 1)
+_HEADER_MAX_CHARS = 32
+CANCEL_AFTER_FORMS = "seconds (90) or a duration such as 90s, 15m, 2h, 1h30m or 7d"
+
+
+def cancel_after_header(value: str) -> int:
+    """The ``Cancel-After`` header in seconds; 400 naming the header when it is not one of the forms."""
+    text = value.strip()
+    found = _DURATION.fullmatch(text) if 0 < len(text) <= _HEADER_MAX_CHARS else None
+    if found is None or not any(found.groups()):
+        raise ValidationFailed({"Cancel-After": [f"Must be {CANCEL_AFTER_FORMS}."]})
+    seconds = sum(int(n) * unit for n, unit in zip(found.groups(), _UNIT_SECONDS, strict=True) if n)
+    try:
+        CANCEL_AFTER_RANGE(seconds)
+    except ValidationError as exc:
+        raise ValidationFailed({"Cancel-After": [str(m) for m in exc.messages]}) from None
+    return seconds
+
+
+def cancel_after(field: int | None, header: str | None) -> int | None:
+    """The submission's ``cancelAfter``: the field, or the header (its alias); both and different: 400."""
+    if header is None:
+        return field
+    seconds = cancel_after_header(header)
+    if field is not None and field != seconds:
+        raise ValidationFailed(
+            {"cancelAfter": ["Differs from the Cancel-After header."]},
+            "The Cancel-After header and the cancelAfter field differ.",
+        )
+    return seconds
 
 
 BATCH_MAX_TASKS = 1000
@@ -104,7 +162,13 @@ class TaskSchema(Schema):
     status = fields.String(required=True, validate=validate.OneOf([s.value for s in TaskStatus]))
     input = fields.Raw(allow_none=True)
     result = fields.Raw(allow_none=True, metadata={"description": "present once succeeded"})
-    error = fields.Nested(ErrorDetailSchema, allow_none=True, metadata={"description": "present once failed"})
+    error = fields.Nested(
+        ErrorDetailSchema,
+        allow_none=True,
+        metadata={
+            "description": "present once failed; (1.1) once canceled, code canceled or deadline_exceeded"
+        },
+    )
     idempotencyKey = fields.String(allow_none=True)
     metadata = fields.Dict(allow_none=True)
     cost = fields.Integer(required=True)
@@ -199,7 +263,16 @@ class AttemptSchema(Schema):
 
 class DeliverySchema(Schema):
     webhookId = fields.String(required=True)
-    eventType = fields.String(required=True)
+    event = fields.String(
+        required=True,
+        metadata={
+            "description": "(1.1) task.started, task.progress, task.succeeded, task.failed or task.canceled"
+        },
+    )
+    eventType = fields.String(
+        required=True,
+        metadata={"description": "the same as `event`, its name before 1.1; kept for older clients"},
+    )
     url = fields.String(required=True)
     status = fields.String(required=True, validate=validate.OneOf(["pending", "delivered", "failed"]))
     attempts = fields.List(fields.Nested(AttemptSchema), required=True)

@@ -19,7 +19,13 @@ from app.api.plumbing import (
     read_session,
     waybill,
 )
-from app.api.schemas import ListTasksQuery, SubmitBatchSchema, SubmitTaskSchema
+from app.api.schemas import (
+    ListTasksQuery,
+    SubmitBatchSchema,
+    SubmitTaskSchema,
+    cancel_after,
+    cancel_after_header,
+)
 from app.models import TaskStatus
 from app.services import deliveries, queries
 from app.services.errors import ServiceError, ValidationFailed, messages_to_errors
@@ -41,7 +47,11 @@ def _answer(body: Any, status: int = 200, **headers: str) -> Response:
 @bp.post("")
 def submit_task() -> Response:
     org_id = organization_id()
-    req = _submit_request(json_body(), request.headers.get("Idempotency-Key"))
+    req = _submit_request(
+        json_body(),
+        request.headers.get("Idempotency-Key"),
+        header_cancel_after=request.headers.get("Cancel-After"),
+    )
     task, created = submit.submit(waybill(), org_id, req, request_id=g.request_id)
     headers = {"Location": f"/v1/tasks/{task['taskId']}"}
     if not created:
@@ -61,7 +71,10 @@ def submit_batch() -> Response:
     200 with one entry per item; the batch itself is refused only when it is
     not ``{"tasks": [1 to 1,000 items]}`` (400), too large (413) or not JSON
     (415). ``Prefer: wait`` does not apply; the ``Idempotency-Key`` header is
-    refused (400): each item carries its own ``idempotencyKey``.
+    refused (400): each item carries its own ``idempotencyKey``. A
+    ``Cancel-After`` header applies to every item, as if each came alone
+    with it (an item whose ``cancelAfter`` differs gets its own 400); a
+    malformed one refuses the batch (400).
     """
     org_id = organization_id()
     raw_items = _batch_items()
@@ -70,8 +83,11 @@ def submit_batch() -> Response:
             {"Idempotency-Key": ["Not accepted on a batch: give each task its own idempotencyKey."]},
             "The Idempotency-Key header does not apply to a batch; give each task its own idempotencyKey.",
         )
+    header_cancel_after = request.headers.get("Cancel-After")
+    if header_cancel_after is not None:
+        cancel_after_header(header_cancel_after)  # the batch's own header: malformed, the batch's 400
     schema = SubmitTaskSchema()
-    items = [_batch_item(raw, schema) for raw in raw_items]
+    items = [_batch_item(raw, schema, header_cancel_after) for raw in raw_items]
     answers = submit.submit_many(waybill(), org_id, items, request_id=g.request_id)
     data: list[dict[str, Any]] = []
     for answer in answers:
@@ -100,7 +116,9 @@ def _batch_items() -> list[Any]:
     return tasks
 
 
-def _batch_item(raw: Any, schema: SubmitTaskSchema) -> SubmitRequest | ServiceError:
+def _batch_item(
+    raw: Any, schema: SubmitTaskSchema, header_cancel_after: str | None = None
+) -> SubmitRequest | ServiceError:
     """One item as a submission, or the 400 that body would get from ``POST /v1/tasks``.
 
     The same checks in the same order as ``json_body`` and :func:`_submit_request`,
@@ -110,15 +128,18 @@ def _batch_item(raw: Any, schema: SubmitTaskSchema) -> SubmitRequest | ServiceEr
         return ValidationFailed({"body": ["Must be a JSON object."]})
     try:
         check_json_limits(raw)
-        return _submit_request(raw, None, schema)
+        return _submit_request(raw, None, schema, header_cancel_after)
     except ValidationFailed as exc:
         return exc
 
 
 def _submit_request(
-    body: dict[str, Any], header_key: str | None, schema: SubmitTaskSchema | None = None
+    body: dict[str, Any],
+    header_key: str | None,
+    schema: SubmitTaskSchema | None = None,
+    header_cancel_after: str | None = None,
 ) -> SubmitRequest:
-    """The body as a submission; the ``Idempotency-Key`` header is the field's alias."""
+    """The body as a submission; the ``Idempotency-Key`` and ``Cancel-After`` headers are aliases."""
     try:
         data = (schema or SubmitTaskSchema()).load(body)
     except ValidationError as exc:
@@ -143,6 +164,7 @@ def _submit_request(
         webhook_url=data["webhook"]["url"] if data["webhook"] else None,
         idempotency_key=key,
         metadata=data["metadata"],
+        cancel_after=cancel_after(data["cancelAfter"], header_cancel_after),
     )
 
 

@@ -156,7 +156,8 @@ class WebhookDelivery(Base):
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
-        UniqueConstraint("task_id", "event_type", name="uq_webhook_deliveries_task_event"),
+        # One delivery per event of a task; task.progress has one per stored report (seq).
+        UniqueConstraint("task_id", "event_type", "seq", name="uq_webhook_deliveries_task_event"),
         Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
     )
 
@@ -164,6 +165,8 @@ class WebhookDelivery(Base):
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
     event_type: Mapped[str] = mapped_column(String(32))
+    # task.progress: the task's progress_seq of the report it carries; 0 otherwise.
+    seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[Any] = mapped_column(JSONValue)
     status: Mapped[str] = mapped_column(String(16), default="pending")

@@ -31,17 +31,39 @@ PENDING, DELIVERED, FAILED = DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, D
 RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
 
 
-def create_for_event(session: Session, task: Task, event_type: str, *, now: datetime) -> str:
-    """Record the event's delivery (``pending``, due now); returns its webhook id."""
+# The events that end a task: the task's ``webhook`` summary follows their delivery.
+FINAL_EVENTS = frozenset({"task.succeeded", "task.failed", "task.canceled"})
+# What a submission may ask for in ``webhook.events``, and the default.
+EVENTS = ("task.started", "task.progress", "task.succeeded", "task.failed", "task.canceled")
+DEFAULT_EVENTS = frozenset(FINAL_EVENTS)
+
+
+def wanted_events(stored: str | None) -> frozenset[str]:
+    """The events a task's webhook receives, from its ``webhook_events`` column (None: the default)."""
+    if stored is None:
+        return DEFAULT_EVENTS
+    return frozenset(e for e in stored.split(",") if e)
+
+
+def create_for_event(session: Session, task: Task, event_type: str, *, now: datetime, seq: int = 0) -> str:
+    """Record the event's delivery (``pending``, due now); returns its webhook id.
+
+    A final event's delivery becomes the task's ``webhook`` summary (pending,
+    0 attempts); a ``task.started`` or ``task.progress`` one does not: the
+    summary says how the result's delivery went. ``seq``: a progress
+    delivery's report number (one delivery per stored report).
+    """
     assert task.webhook_url
-    task.webhook_status = WebhookStatus.PENDING
-    task.webhook_attempts = 0
+    if event_type in FINAL_EVENTS:
+        task.webhook_status = WebhookStatus.PENDING
+        task.webhook_attempts = 0
     payload = {"type": event_type, "timestamp": iso(now), "data": represent(task)}
     delivery = WebhookDelivery(
         id=ids.webhook_id(),
         task_id=task.id,
         organization_id=task.organization_id,
         event_type=event_type,
+        seq=seq,
         url=task.webhook_url,
         payload=payload,
         status=PENDING,
@@ -116,7 +138,7 @@ _SIGNING = select(
 
 # What recording an attempt reads and writes.
 _DECISION = (
-    select(_D.c.status, _D.c.attempts, _D.c.max_attempts, _D.c.task_id)
+    select(_D.c.status, _D.c.attempts, _D.c.max_attempts, _D.c.task_id, _D.c.event_type)
     .where(_D.c.id == bindparam("p_id"))
     .with_for_update()
 )
@@ -221,7 +243,8 @@ def record_attempt(
             countdown = retry_delay(retry_base_seconds, attempts)
             values["next_attempt_at"] = now + timedelta(seconds=countdown)
     conn.execute(update(_D).where(_D.c.id == plan.delivery_id).values(**values))
-    conn.execute(_TASK_WEBHOOK, {"p_task": row.task_id, "p_status": status, "p_attempts": attempts})
+    if row.event_type in FINAL_EVENTS:  # the summary is the result's delivery, not a progress one
+        conn.execute(_TASK_WEBHOOK, {"p_task": row.task_id, "p_status": status, "p_attempts": attempts})
     return countdown
 
 
@@ -284,7 +307,8 @@ def redeliver(session: Session, task: Task, *, now: datetime | None = None) -> l
         delivery.max_attempts = delivery.attempts + 1
         delivery.next_attempt_at = now
         delivery.claimed_until = None
-    task.webhook_status = WebhookStatus.PENDING
+    if any(d.event_type in FINAL_EVENTS for d in rows):
+        task.webhook_status = WebhookStatus.PENDING
     return [d.id for d in rows]
 
 
@@ -307,7 +331,8 @@ def list_for_task(session: Session, task_id: str) -> list[dict[str, Any]]:
     return [
         {
             "webhookId": d.id,
-            "eventType": d.event_type,
+            "event": d.event_type,
+            "eventType": d.event_type,  # its name before spec 1.1, for older clients
             "url": d.url,
             "status": d.status,
             "attempts": [

@@ -2,7 +2,9 @@
 
 ``queued -> running`` (claim), ``running -> running`` (a new attempt after its
 run died), ``running -> succeeded | failed`` (only by the run holding the
-current attempt), ``queued | running -> failed | canceled`` (:func:`finish`).
+current attempt), ``queued | running -> failed | canceled`` (:func:`finish`:
+a client's cancel, a lost worker, or :func:`expire` once a task's
+``cancelAfter`` has passed).
 Every move is a conditional statement under the task's row lock, and moves
 the organization's ``queued``/``running`` counters and, for a task that
 failed or was canceled, refunds its credits once, in the same transaction:
@@ -30,6 +32,9 @@ from app.services.queries import get_task
 
 DEFAULT_RETENTION_DAYS = 30.0
 WORKER_LOST = "worker_lost"
+# error.code of a canceled task (docs/api.md): by the client, or its cancelAfter passed.
+CANCELED_BY_CLIENT = "canceled"
+DEADLINE_EXCEEDED = "deadline_exceeded"
 
 
 class ClaimReason(enum.StrEnum):
@@ -38,6 +43,7 @@ class ClaimReason(enum.StrEnum):
     GONE = "gone"  # missing or final: forget it
     LOST = "lost"  # this claim failed it: its last attempt's worker died
     BUSY = "busy"  # another run holds a live lease: leave its slot alone
+    EXPIRED = "expired"  # this claim canceled it: its cancelAfter had passed
 
 
 @dataclass(frozen=True)
@@ -48,9 +54,18 @@ class Claim:
     attempt: int = 0
     input_json: str | None = None  # with a task: its input as JSON text (:func:`decode_input`)
     reason: ClaimReason | None = None  # without a task
-    delivery_id: str | None = None  # with LOST: the task.failed event to publish
+    delivery_id: str | None = None  # with LOST or EXPIRED: the final event to publish
     type: str = ""
     lease_expires_at: datetime | None = None  # with BUSY: when the other run's lease ends
+
+    @property
+    def ended(self) -> TaskStatus | None:
+        """The final status this claim gave the task instead of starting it, if it ended it."""
+        if self.reason == ClaimReason.LOST:
+            return TaskStatus.FAILED
+        if self.reason == ClaimReason.EXPIRED:
+            return TaskStatus.CANCELED
+        return None
 
 
 def decode_input(input_json: str | None) -> Any:
@@ -71,7 +86,8 @@ def claim(
 
     A run whose worker died leaves the task ``running`` with an expired lease;
     the next claim starts attempt n+1, and after ``max_attempts`` such runs the
-    task fails with ``worker_lost``.
+    task fails with ``worker_lost``. A task whose deadline (``cancelAfter``)
+    has passed is not started: the claim cancels it (``deadline_exceeded``).
     """
     now = now or utcnow()
     params = {"p_id": task_id, "p_now": now, "p_lease": now + timedelta(seconds=lease_seconds)}
@@ -82,18 +98,36 @@ def claim(
         current = conn.execute(st.LOCK_TASK, {"p_id": task_id}).first()
         if current is None or TaskStatus(current.status).is_final:
             return Claim(task=None, reason=ClaimReason.GONE)
+        busy = current.status == TaskStatus.RUNNING and (
+            current.lease_expires_at is not None and current.lease_expires_at >= now
+        )
+        if busy:
+            # A live run past its deadline is the sweep's to cancel (and revoke).
+            return Claim(task=None, reason=ClaimReason.BUSY, lease_expires_at=current.lease_expires_at)
+        if _overdue(current, now):
+            ended = _end(
+                session,
+                task_id,
+                current,
+                TaskStatus.CANCELED,
+                error=deadline_error(current.cancel_after),
+                now=now,
+                retention_days=retention_days,
+            )
+            return Claim(
+                task=None, reason=ClaimReason.EXPIRED, delivery_id=ended.delivery_id, type=current.type
+            )
         if current.status == TaskStatus.QUEUED:  # our UPDATE raced its commit: we hold the lock now
             row = conn.execute(st.CLAIM_QUEUED, params).one()
-        elif current.lease_expires_at is not None and current.lease_expires_at >= now:
-            return Claim(task=None, reason=ClaimReason.BUSY, lease_expires_at=current.lease_expires_at)
         elif current.attempts >= max_attempts:
             message = (
                 f"The worker running this task stopped {current.attempts} times "
                 "(killed or lost); the task was not retried again."
             )
-            ended = finish(
+            ended = _end(
                 session,
                 task_id,
+                current,
                 TaskStatus.FAILED,
                 error=(WORKER_LOST, message),
                 now=now,
@@ -157,6 +191,7 @@ class Ended:
     was: TaskStatus | None = None
     delivery_id: str | None = None
     type: str = ""
+    organization_id: str = ""
 
 
 def finish(
@@ -175,11 +210,65 @@ def finish(
     and the ledger's unique key as the backstop).
     """
     assert status in (TaskStatus.FAILED, TaskStatus.CANCELED)
-    now = now or utcnow()
-    conn = session.connection()
-    row = conn.execute(st.LOCK_TASK, {"p_id": task_id}).first()
+    row = session.connection().execute(st.LOCK_TASK, {"p_id": task_id}).first()
     if row is None or TaskStatus(row.status).is_final:
         return Ended(done=False)
+    return _end(
+        session, task_id, row, status, error=error, now=now or utcnow(), retention_days=retention_days
+    )
+
+
+def expire(
+    session: Session,
+    task_id: str,
+    *,
+    now: datetime | None = None,
+    retention_days: float = DEFAULT_RETENTION_DAYS,
+) -> Ended:
+    """Cancel a queued or running task whose deadline has passed (``deadline_exceeded``).
+
+    Under the same row lock as every other end, so a run recording its
+    result, a client's cancel or another sweep racing it ends the task one
+    way only: whoever comes second finds it final (or not yet due) and does
+    nothing.
+    """
+    now = now or utcnow()
+    row = session.connection().execute(st.LOCK_TASK, {"p_id": task_id}).first()
+    if row is None or TaskStatus(row.status).is_final or not _overdue(row, now):
+        return Ended(done=False)
+    return _end(
+        session,
+        task_id,
+        row,
+        TaskStatus.CANCELED,
+        error=deadline_error(row.cancel_after),
+        now=now,
+        retention_days=retention_days,
+    )
+
+
+def deadline_error(cancel_after: int | None) -> tuple[str, str]:
+    """The (code, message) of a task canceled because its cancelAfter passed."""
+    return DEADLINE_EXCEEDED, f"The task was not finished within its cancelAfter of {cancel_after} s."
+
+
+def _overdue(row: Any, now: datetime) -> bool:
+    """The locked row's deadline has passed (a task without cancelAfter never is)."""
+    return row.deadline_at is not None and row.deadline_at <= now
+
+
+def _end(
+    session: Session,
+    task_id: str,
+    row: Any,
+    status: TaskStatus,
+    *,
+    error: tuple[str, str] | None,
+    now: datetime,
+    retention_days: float,
+) -> Ended:
+    """End the task whose row (``st.LOCK_TASK``) this transaction holds locked and found not final."""
+    conn = session.connection()
     refund = row.cost if row.cost and not row.refunded else 0
     values: dict[str, Any] = {
         "status": status.value,
@@ -194,7 +283,9 @@ def finish(
     was = TaskStatus(row.status)
     _settle(session, row.organization_id, task_id, was=was, refund=refund, now=now)
     delivery_id = _event(session, task_id, status, now=now) if row.webhook_url else None
-    return Ended(done=True, was=was, delivery_id=delivery_id, type=row.type)
+    return Ended(
+        done=True, was=was, delivery_id=delivery_id, type=row.type, organization_id=row.organization_id
+    )
 
 
 def fail_task(
@@ -209,7 +300,13 @@ def cancel(
 ) -> tuple[Task, Ended]:
     """Cancel a waiting or running task; 404 for another organization's, 409 once final."""
     task = get_task(session, organization_id, task_id)
-    ended = finish(session, task_id, TaskStatus.CANCELED, retention_days=retention_days)
+    ended = finish(
+        session,
+        task_id,
+        TaskStatus.CANCELED,
+        error=(CANCELED_BY_CLIENT, "The task was canceled by the client."),
+        retention_days=retention_days,
+    )
     session.refresh(task)
     if not ended.done:
         raise TaskAlreadyFinal(f"The task is already {task.status}.")

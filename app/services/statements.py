@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import Table, Text, bindparam, insert, inspect, select, update
+from sqlalchemy import Table, Text, bindparam, insert, inspect, or_, select, update
 from sqlalchemy import cast as sql_cast
 
 from app.models import CreditEntry, Organization, Task, TaskStatus, WebhookStatus
@@ -60,7 +60,13 @@ _START = {
 }
 CLAIM_QUEUED = (
     update(TASKS)
-    .where(TASKS.c.id == bindparam("p_id"), TASKS.c.status == TaskStatus.QUEUED.value)
+    .where(
+        TASKS.c.id == bindparam("p_id"),
+        TASKS.c.status == TaskStatus.QUEUED.value,
+        # A task past its cancelAfter is not started: the claim finds no row
+        # and cancels it under the lock instead (lifecycle.claim).
+        or_(TASKS.c.deadline_at.is_(None), TASKS.c.deadline_at > bind("p_now", "deadline_at")),
+    )
     .values(**_START, started_at=bind("p_now", "started_at"))  # a queued task has never started
     .returning(*PLAIN_COLUMNS, INPUT_TEXT)
 )
@@ -82,6 +88,8 @@ LOCK_TASK = (
         TASKS.c.webhook_url,
         TASKS.c.attempts,
         TASKS.c.lease_expires_at,
+        TASKS.c.cancel_after,
+        TASKS.c.deadline_at,
     )
     .where(TASKS.c.id == bindparam("p_id"))
     .with_for_update()

@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, select, update
@@ -43,15 +43,22 @@ class SubmitRequest:
     webhook_url: str | None = None
     idempotency_key: str | None = None
     metadata: dict[str, Any] | None = None
+    cancel_after: int | None = None  # seconds, from the field or the Cancel-After header
 
     def fingerprint(self) -> str:
         """What makes two submissions "the same request" for an idempotency key.
 
-        The type, the input, the webhook URL and the metadata, compared as JSON
-        values (key order and white space do not matter).
+        The type, the input, the webhook URL, the metadata and cancelAfter,
+        compared as JSON values (key order and white space do not matter).
+        cancelAfter joins the list only when given, so a request without it
+        keeps the hash it had before cancelAfter existed: replaying a task
+        stored then is still a replay, not a 422.
         """
+        parts: list[Any] = [self.type, self.input, self.webhook_url, self.metadata]
+        if self.cancel_after is not None:
+            parts.append({"cancelAfter": self.cancel_after})  # named: unambiguous beside later options
         canonical = json.dumps(
-            [self.type, self.input, self.webhook_url, self.metadata],
+            parts,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -175,6 +182,9 @@ def _task_values(
         "attempts": 0,
         "request_id": request_id,
         "created_at": now,
+        "cancel_after": req.cancel_after,
+        # The instant the sweep (and a claim) compare with, on the task's own clock.
+        "deadline_at": None if req.cancel_after is None else now + timedelta(seconds=req.cancel_after),
     }
 
 

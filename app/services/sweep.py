@@ -11,7 +11,9 @@ Beat triggers it every ``SWEEP_INTERVAL_SECONDS``. It finds, from SQL alone:
   to dispatch, and the next claim retries them or, after the last attempt,
   fails them;
 * webhook deliveries ``pending`` whose next attempt is overdue (the countdown
-  message was lost with a worker or the broker).
+  message was lost with a worker or the broker);
+* tasks ``queued`` or ``running`` past their deadline (``cancelAfter``):
+  :func:`overdue`, canceled by :mod:`app.usecases.deadlines`.
 
 Enqueueing or publishing twice is harmless: enqueue skips a task that already
 waits or is leased, and claims are conditional, so a duplicate message finds
@@ -90,6 +92,23 @@ def unconfirmed(
                 Task.dispatched_at.is_(None),
                 Task.created_at < grace,
             )
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def overdue(session: Session, status: TaskStatus, *, now: datetime, limit: int = BATCH) -> list[str]:
+    """Tasks of ``status`` whose deadline has passed, earliest first, at most ``limit``.
+
+    One range scan of the ``(status, deadline_at)`` index per status: the
+    cost follows the tasks that are due, not the backlog (tasks without a
+    deadline have a NULL ``deadline_at`` and are never in the range).
+    """
+    return list(
+        session.execute(
+            select(Task.id)
+            .where(Task.status == status.value, Task.deadline_at <= now)
+            .order_by(Task.deadline_at)
             .limit(limit)
         ).scalars()
     )

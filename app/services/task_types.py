@@ -35,6 +35,22 @@ class TaskContext:
     organization_id: str
     attempt: int
     allow_private_targets: bool
+    # Where progress reports go (the worker's ProgressWriter); None: nowhere.
+    reporter: Callable[[float | None, str | None], None] | None = None
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        """Report how far the task is: ``fraction`` from 0 to 1, and/or a short message.
+
+        Returns at once whatever the rate: Waybill keeps the latest report and
+        stores about one a second (``docs/task-types.rst``). ValueError for a
+        fraction outside 0-1 or neither argument.
+        """
+        if self.reporter is None:
+            from app.usecases.progress import checked
+
+            checked(fraction, message)  # the same errors, with or without a writer
+            return
+        self.reporter(fraction, message)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from app.services import deliveries, json_limits, lifecycle
 from app.services.leases import leases
 from app.services.lifecycle import ClaimReason
 from app.services.task_types import Registry, TaskContext, TaskError
+from app.usecases.progress import ProgressWriter
 from app.usecases.unit_of_work import UnitOfWork
 from config import Settings
 
@@ -94,13 +95,15 @@ def execute(
     task_id: str,
     dispatch: Dispatch | None = None,
     first_attempts: FirstAttemptThreads | None = None,
+    progress: ProgressWriter | None = None,
 ) -> RunOutcome:
     """Run the task once if it is ours to run; ``dispatch`` (None in tests) gets the effects.
 
     ``first_attempts``: with a thread reserved there, the result's first
     webhook attempt is claimed in the record's transaction and sent from
     this process (:mod:`app.usecases.first_attempt`); otherwise it is
-    published to the webhooks queue.
+    published to the webhooks queue. ``progress``: where the handler's
+    progress reports go (:mod:`app.usecases.progress`).
     """
     try:
         with UnitOfWork(db) as uow:
@@ -113,6 +116,9 @@ def execute(
             )
             if dispatch is not None and claim.task is None:
                 _after_no_run(uow, dispatch, task_id, claim)
+            elif dispatch is not None:
+                # task.started for the event streams listening on the task's channel.
+                uow.after_commit(dispatch.notify, task_id, TaskStatus.RUNNING.value)
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -121,20 +127,26 @@ def execute(
         )
     task = claim.task
     if task is None:
-        if claim.reason == ClaimReason.LOST:
-            metrics.TASKS_FINISHED.labels(claim.type, TaskStatus.FAILED).inc()
-        lost = claim.reason == ClaimReason.LOST
+        # The claim may have ended it instead: lost worker (failed) or past its deadline (canceled).
+        if claim.ended is not None:
+            metrics.TASKS_FINISHED.labels(claim.type, claim.ended).inc()
         return RunOutcome(
             ran=False,
-            recorded=lost,
+            recorded=claim.ended is not None,
             delivery_id=claim.delivery_id,
-            status=TaskStatus.FAILED if lost else None,
+            status=claim.ended,
         )
+    attempt = claim.attempt
     context = TaskContext(
         task_id=task.id,
         organization_id=task.organization_id,
-        attempt=claim.attempt,
+        attempt=attempt,
         allow_private_targets=settings.allow_private_targets,
+        reporter=(
+            (lambda fraction, message: progress.report(task_id, attempt, fraction, message))
+            if progress is not None
+            else None
+        ),
     )
     log.info(
         "task started",
@@ -149,6 +161,8 @@ def execute(
     run_started = time.monotonic()
     with leases.hold(db, dispatch, task_id, claim.attempt, settings.lease_seconds):
         result, error = _run_handler(registry, task.type, claim.input_json, context)
+        if progress is not None:
+            _flush_progress(progress, task_id)
     reserved = dispatch is not None and first_attempts is not None and first_attempts.reserve()
     threads = first_attempts if reserved else None
     try:
@@ -195,6 +209,14 @@ def execute(
     return RunOutcome(ran=True, recorded=recorded, delivery_id=delivery_id, status=status)
 
 
+def _flush_progress(progress: ProgressWriter, task_id: str) -> None:
+    """The handler's last report, stored before its outcome; a failure here never fails the task."""
+    try:
+        progress.flush(task_id)
+    except Exception:
+        log.warning("progress not stored", exc_info=True, extra={"event": "task.progress_failed"})
+
+
 def _after_no_run(uow: UnitOfWork, dispatch: Dispatch, task_id: str, claim: lifecycle.Claim) -> None:
     """The effects of a claim that gave nothing to run."""
     if claim.reason == ClaimReason.BUSY:
@@ -207,9 +229,7 @@ def _after_no_run(uow: UnitOfWork, dispatch: Dispatch, task_id: str, claim: life
         uow.after_commit(dispatch.step)
         return
     uow.after_commit(dispatch.deliver, claim.delivery_id)
-    uow.after_commit(
-        dispatch.finish, task_id, TaskStatus.FAILED if claim.reason == ClaimReason.LOST else None
-    )
+    uow.after_commit(dispatch.finish, task_id, claim.ended)
 
 
 def _run_handler(

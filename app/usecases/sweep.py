@@ -4,7 +4,8 @@ Beat runs it every ``SWEEP_INTERVAL_SECONDS``. From SQL alone it finds what
 dispatch or the broker may have dropped and hands it on again
 (:mod:`app.services.sweep` has the queries, :mod:`app.usecases.recovery` the
 repair); every step is idempotent, so a sweep that runs twice (two beats) or
-overlaps another does no harm.
+overlaps another does no harm. It also cancels the tasks whose deadline
+(``cancelAfter``) has passed (:mod:`app.usecases.deadlines`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 
 from app.container import Waybill
 from app.services import sweep
+from app.usecases.deadlines import expire_overdue
 from app.usecases.recovery import enqueue_from_sql, rebuild, verify_queued
 from app.usecases.unit_of_work import UnitOfWork
 
@@ -40,6 +42,8 @@ def run_sweep(wb: Waybill) -> dict[str, int]:
         log.warning(
             "dispatch state rebuilt from SQL", extra={"event": "dispatch.rebuilt", "status": str(rebuilt)}
         )
+    # Deadlines first: a task past its cancelAfter is canceled, not handed on again below.
+    expired = expire_overdue(wb)
     # Running tasks whose lease expired, and overdue webhook attempts.
     with UnitOfWork(wb.db) as uow:
         found = sweep.plan(uow.session, grace_seconds=s.sweep_grace_seconds)
@@ -81,6 +85,7 @@ def run_sweep(wb: Waybill) -> dict[str, int]:
         "orphaned": len(found.orphaned_ids),
         "orphans_requeued": orphaned,
         "webhooks": len(found.delivery_ids),
+        "deadlines": expired,
     }
 
 

@@ -20,6 +20,15 @@ from app.models.base import Base
 def test_the_migrated_schema_is_the_models_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'schema.db'}"
     upgrade(url)
+    _same_schema(url)
+
+
+def test_the_suites_database_was_migrated_to_the_models_schema(migrated: str) -> None:
+    """The database of the run (PostgreSQL in CI's PostgreSQL pass), built by the migrations."""
+    _same_schema(migrated)
+
+
+def _same_schema(url: str) -> None:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:

@@ -27,6 +27,7 @@ from werkzeug.wrappers import Request, Response
 
 import app.api.plumbing as requests_module
 from app import create_app
+from app.api import events as events_api
 from app.db import Database
 from app.services.task_types import Registry
 from app.usecases import run
@@ -130,7 +131,13 @@ class Contract:
 def contract(client: FlaskClient) -> Contract:
     document = client.get("/openapi.json").get_json()
     # openapi-core parses only application/json (and vnd.api+json) as JSON by default.
-    config = Config(extra_media_type_deserializers={"application/problem+json": json.loads})
+    # An event stream is text (its events are parsed in test_progress_events.py).
+    config = Config(
+        extra_media_type_deserializers={
+            "application/problem+json": json.loads,
+            "text/event-stream": lambda data: data.decode() if isinstance(data, bytes) else data,
+        }
+    )
     return Contract(client, document, OpenAPI.from_dict(copy.deepcopy(document), config=config))
 
 
@@ -264,9 +271,22 @@ def _tasks(c: Contract, db: Database) -> None:
     for bad in ({"limit": 0}, {"limit": 101}, {"cursor": "c" * 201}, {"type": "t" * 101}, {"status": "lost"}):
         c.call("get", "/v1/tasks", 400, query_string=bad, headers=_auth(key))
 
+    events = "/v1/tasks/{taskId}/events"
+    stream = c.call("get", events, 200, path={"taskId": ids["succeeds"]}, headers=_auth(key))
+    assert stream.mimetype == "text/event-stream" and b"event: task.succeeded" in stream.data
+    c.call("get", events, 404, path={"taskId": "tsk_unknown"}, headers=_auth(key))
+    wb = c.client.application.extensions["waybill"]
+    events_api._slots[id(wb)] = events_api.StreamSlots(0)  # every stream slot taken
+    try:
+        busy = c.call("get", events, 503, path={"taskId": ids["succeeds"]}, headers=_auth(key))
+        assert busy.headers["Retry-After"] == "5"
+    finally:
+        events_api._slots.pop(id(wb), None)
+
     deliveries = "/v1/tasks/{taskId}/deliveries"
     log = c.call("get", deliveries, 200, path={"taskId": ids["succeeds"]}, headers=_auth(key)).get_json()
     assert len(log["data"]) == 1
+    assert log["data"][0]["event"] == log["data"][0]["eventType"] == "task.succeeded"
     c.call("get", deliveries, 404, path={"taskId": "tsk_unknown"}, headers=_auth(key))
     c.call("post", deliveries, 202, path={"taskId": ids["canceled"]}, headers=_auth(key))
     c.call("post", deliveries, 409, path={"taskId": ids["quiet"]}, headers=_auth(key))

@@ -11,6 +11,10 @@ Create Date: 2026-11-30 00:30:00
   the deadline job reads queued and running tasks by ``(status, deadline_at)``.
 * ``webhook_events``: the events ``webhook.events`` asked for, comma-separated;
   null for the default (the three final ones).
+* ``webhook_deliveries.seq``: a task has one delivery per event, except
+  ``task.progress``, which has one per stored report (its ``progress_seq``);
+  the unique constraint becomes (task_id, event_type, seq), still the
+  backstop against a second final event.
 """
 
 from __future__ import annotations
@@ -34,9 +38,17 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("deadline_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("webhook_events", sa.String(length=200), nullable=True))
         batch_op.create_index("ix_tasks_status_deadline", ["status", "deadline_at"], unique=False)
+    with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("seq", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.drop_constraint("uq_webhook_deliveries_task_event", type_="unique")
+        batch_op.create_unique_constraint("uq_webhook_deliveries_task_event", ["task_id", "event_type", "seq"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.drop_constraint("uq_webhook_deliveries_task_event", type_="unique")
+        batch_op.create_unique_constraint("uq_webhook_deliveries_task_event", ["task_id", "event_type"])
+        batch_op.drop_column("seq")
     with op.batch_alter_table("tasks", schema=None) as batch_op:
         batch_op.drop_index("ix_tasks_status_deadline")
         batch_op.drop_column("webhook_events")
