@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: install run test test-unit test-integration test-rabbitmq lint format bench chaos scale clean
 
-$(STAMP): setup.cfg setup.py
+$(STAMP): setup.cfg setup.py clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Waybill needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients/python
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,3 @@
+"""The version of ``waybill-client`` (also in ``pyproject.toml``)."""
+
+__version__ = "0.1.0"
