@@ -9,6 +9,7 @@ from typing import Any
 from marshmallow import INCLUDE, RAISE, Schema, ValidationError, fields, validate, validates
 
 from app.models import TaskStatus
+from app.services.deliveries import EVENTS as WEBHOOK_EVENTS
 from app.services.errors import ValidationFailed
 
 METADATA_MAX_BYTES = 4096
@@ -28,6 +29,18 @@ class WebhookSchema(Schema):
         unknown = RAISE
 
     url = fields.String(required=True, validate=validate.Length(min=1, max=2048))
+    events = fields.List(
+        fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)),
+        allow_none=True,
+        load_default=None,
+        validate=validate.Length(min=1, max=len(WEBHOOK_EVENTS) * 4, error="Must name 1 to 5 events."),
+        metadata={
+            "description": (
+                "(1.1) Which events to POST; default the three final ones. task.progress is "
+                "coalesced to about one a second."
+            )
+        },
+    )
 
 
 class SubmitTaskSchema(Schema):
@@ -144,8 +157,15 @@ class ErrorDetailSchema(Schema):
 
 class TaskWebhookSchema(Schema):
     url = fields.String()
-    status = fields.String(validate=validate.OneOf(["none", "pending", "delivered", "failed"]))
+    status = fields.String(
+        validate=validate.OneOf(["none", "pending", "delivered", "failed"]),
+        metadata={"description": "how the delivery of the final event went"},
+    )
     attempts = fields.Integer()
+    events = fields.List(
+        fields.String(validate=validate.OneOf(WEBHOOK_EVENTS)),
+        metadata={"description": "(1.1) the events POSTed to the URL (webhook.events, or the default)"},
+    )
 
 
 class ProgressSchema(Schema):

@@ -162,6 +162,7 @@ def _submit_request(
         type=data["type"],
         input=data["input"],
         webhook_url=data["webhook"]["url"] if data["webhook"] else None,
+        webhook_events=deliveries.stored_events(data["webhook"]["events"]) if data["webhook"] else None,
         idempotency_key=key,
         metadata=data["metadata"],
         cancel_after=cancel_after(data["cancelAfter"], header_cancel_after),

@@ -25,7 +25,7 @@ from app import ids
 from app.models import DeliveryStatus, Organization, Task, WebhookAttempt, WebhookDelivery, WebhookStatus
 from app.models.base import utcnow
 from app.services.errors import NothingToDeliver
-from app.services.representation import iso, represent
+from app.services.representation import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS_ORDER, iso, represent
 
 PENDING, DELIVERED, FAILED = DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED
 RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
@@ -33,9 +33,9 @@ RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
 
 # The events that end a task: the task's ``webhook`` summary follows their delivery.
 FINAL_EVENTS = frozenset({"task.succeeded", "task.failed", "task.canceled"})
-# What a submission may ask for in ``webhook.events``, and the default.
-EVENTS = ("task.started", "task.progress", "task.succeeded", "task.failed", "task.canceled")
-DEFAULT_EVENTS = frozenset(FINAL_EVENTS)
+# What a submission may ask for in ``webhook.events``, in the order they are stored.
+EVENTS = WEBHOOK_EVENTS_ORDER
+DEFAULT_EVENTS = frozenset(DEFAULT_WEBHOOK_EVENTS.split(","))
 
 
 def wanted_events(stored: str | None) -> frozenset[str]:
@@ -43,6 +43,13 @@ def wanted_events(stored: str | None) -> frozenset[str]:
     if stored is None:
         return DEFAULT_EVENTS
     return frozenset(e for e in stored.split(",") if e)
+
+
+def stored_events(events: list[str] | None) -> str | None:
+    """``webhook.events`` as the column stores it: each once, in :data:`EVENTS` order; None: default."""
+    if events is None:
+        return None
+    return ",".join(e for e in EVENTS if e in set(events))
 
 
 def create_for_event(session: Session, task: Task, event_type: str, *, now: datetime, seq: int = 0) -> str:

@@ -83,7 +83,7 @@ class IdempotencyConflict(ServiceError):
     def __init__(self, key: str) -> None:
         super().__init__(
             f"The idempotency key {key!r} was already used with a different request "
-            "(type, input, webhook URL or metadata differ).",
+            "(type, input, webhook URL or events, metadata or cancelAfter differ).",
             idempotencyKey=key,
         )
 

@@ -54,7 +54,9 @@ class Claim:
     attempt: int = 0
     input_json: str | None = None  # with a task: its input as JSON text (:func:`decode_input`)
     reason: ClaimReason | None = None  # without a task
-    delivery_id: str | None = None  # with LOST or EXPIRED: the final event to publish
+    # With LOST or EXPIRED: the final event to publish; with a task just
+    # started: its task.started event, when webhook.events asks for it.
+    delivery_id: str | None = None
     type: str = ""
     lease_expires_at: datetime | None = None  # with BUSY: when the other run's lease ends
 
@@ -138,7 +140,14 @@ def claim(
             taken = conn.execute(st.TAKE_OVER, params).one()
             return Claim(task=st.detached(taken), attempt=taken.attempts, input_json=taken.input_json)
     conn.execute(st.ORG_STARTED, {"p_org": row.organization_id})
-    return Claim(task=st.detached(row), attempt=row.attempts, input_json=row.input_json)
+    task = st.detached(row)
+    started = None
+    if row.webhook_url and "task.started" in deliveries.wanted_events(row.webhook_events):
+        # Only here, at the first start: a taken-over run is not a new start.
+        shown = st.detached(row)
+        shown.input = _loads_or_none(row.input_json)
+        started = deliveries.create_for_event(session, shown, "task.started", now=now)
+    return Claim(task=task, attempt=row.attempts, input_json=row.input_json, delivery_id=started)
 
 
 def renew_lease(session: Session, task_id: str, attempt: int, until: datetime) -> bool:
@@ -334,9 +343,14 @@ def _settle(
         )
 
 
-def _event(session: Session, task_id: str, status: TaskStatus, *, now: datetime) -> str:
-    """The final event's delivery, with the task as it is now; its webhook status becomes pending."""
+def _event(session: Session, task_id: str, status: TaskStatus, *, now: datetime) -> str | None:
+    """The final event's delivery, with the task as it is now; its webhook status becomes pending.
+
+    None when the task's ``webhook.events`` left this final event out.
+    """
     row = session.connection().execute(st.EVENT_ROW, {"p_id": task_id}).one()
+    if f"task.{status.value}" not in deliveries.wanted_events(row.webhook_events):
+        return None
     task = st.detached(row)
     # A stored value that cannot be decoded (a task accepted before the
     # input limits) is sent as null rather than blocking the event.

@@ -14,6 +14,16 @@ def iso(dt: datetime | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+# The events a webhook receives when webhook.events is not given (docs/api.md),
+# in the order of WEBHOOK_EVENTS_ORDER.
+WEBHOOK_EVENTS_ORDER = ("task.started", "task.progress", "task.succeeded", "task.failed", "task.canceled")
+DEFAULT_WEBHOOK_EVENTS = "task.succeeded,task.failed,task.canceled"
+
+
+def _events(stored: str | None) -> list[str]:
+    return (stored or DEFAULT_WEBHOOK_EVENTS).split(",")
+
+
 def represent(task: Task) -> dict[str, Any]:
     """The task as the API and the webhooks show it."""
     out: dict[str, Any] = {
@@ -29,6 +39,7 @@ def represent(task: Task) -> dict[str, Any]:
                 "url": task.webhook_url,
                 "status": task.webhook_status,
                 "attempts": task.webhook_attempts,
+                "events": _events(task.webhook_events),
             }
             if task.webhook_url
             else None

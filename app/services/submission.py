@@ -44,6 +44,8 @@ class SubmitRequest:
     idempotency_key: str | None = None
     metadata: dict[str, Any] | None = None
     cancel_after: int | None = None  # seconds, from the field or the Cancel-After header
+    # webhook.events as stored (deliveries.stored_events); None: the three final events.
+    webhook_events: str | None = None
 
     def fingerprint(self) -> str:
         """What makes two submissions "the same request" for an idempotency key.
@@ -57,6 +59,8 @@ class SubmitRequest:
         parts: list[Any] = [self.type, self.input, self.webhook_url, self.metadata]
         if self.cancel_after is not None:
             parts.append({"cancelAfter": self.cancel_after})  # named: unambiguous beside later options
+        if self.webhook_events is not None:  # likewise only when given, normalized (order, repeats)
+            parts.append({"webhookEvents": self.webhook_events})
         canonical = json.dumps(
             parts,
             sort_keys=True,
@@ -183,6 +187,7 @@ def _task_values(
         "request_id": request_id,
         "created_at": now,
         "cancel_after": req.cancel_after,
+        "webhook_events": req.webhook_events if req.webhook_url else None,
         # The instant the sweep (and a claim) compare with, on the task's own clock.
         "deadline_at": None if req.cancel_after is None else now + timedelta(seconds=req.cancel_after),
     }

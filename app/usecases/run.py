@@ -117,8 +117,10 @@ def execute(
             if dispatch is not None and claim.task is None:
                 _after_no_run(uow, dispatch, task_id, claim)
             elif dispatch is not None:
-                # task.started for the event streams listening on the task's channel.
+                # task.started for the event streams listening on the task's channel,
+                # and its webhook when webhook.events asks for it.
                 uow.after_commit(dispatch.notify, task_id, TaskStatus.RUNNING.value)
+                uow.after_commit(dispatch.deliver, claim.delivery_id)
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -86,7 +86,12 @@ def test_a_batch_is_accepted_in_item_order_committed_and_dispatched(
     assert statuses(data) == [202] * 31
     tasks = [e["task"] for e in data]
     assert [t["input"] for t in tasks[:30]] == [{"n": i} for i in range(30)]
-    assert tasks[30]["webhook"] == {"url": HOOK, "status": "none", "attempts": 0}
+    assert tasks[30]["webhook"] == {
+        "url": HOOK,
+        "status": "none",
+        "attempts": 0,
+        "events": ["task.succeeded", "task.failed", "task.canceled"],
+    }
     assert all(t["status"] == "queued" and t["cost"] == 1 for t in tasks)
     ids = [t["taskId"] for t in tasks]
     assert ids == sorted(ids) and len(set(ids)) == 31  # in item order, newest last
