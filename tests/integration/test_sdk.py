@@ -1,9 +1,8 @@
 """The Python SDK (clients/python, ``waybill_client``) against a real Waybill.
 
 gunicorn, Celery workers, Redis and SQL as in the other integration tests;
-every answer here is the server's own. Events, progress and ``cancelAfter``
-are not tested here: the server does not have them yet (their client side
-is in ``tests/unit/test_sdk_events.py``).
+every answer here is the server's own. Events, progress, ``cancelAfter`` and
+the webhooks of ``webhook.events`` are in ``test_sdk_live.py``.
 """
 
 from __future__ import annotations
@@ -274,4 +273,5 @@ def test_verify_webhook_on_a_real_delivery(make_stack: Callable[..., Stack], rec
         assert [(a.attempt, a.outcome, a.response_status) for a in delivery.attempts] == [
             (1, "delivered", 200)
         ]
-        assert wb.get(task.task_id).webhook == TaskWebhook(receiver.url + "/hook", "delivered", 1)
+        default = ("task.succeeded", "task.failed", "task.canceled")
+        assert wb.get(task.task_id).webhook == TaskWebhook(receiver.url + "/hook", "delivered", 1, default)

@@ -73,12 +73,17 @@ def stream_handler(connections: list[Connection]) -> Callable[[BaseHTTPRequestHa
         if n > len(connections):
             h.send_response(500)
             h.send_header("Content-Length", "0")
+            h.send_header("Connection", "close")
             h.end_headers()
             return
         chunks, ending = connections[n - 1]
         h.send_response(200)
         h.send_header("Content-Type", "text/event-stream")
         h.send_header("Transfer-Encoding", "chunked")
+        # Every scripted connection ends after its answer: say so, or httpx may
+        # reuse the closed connection for the next request and retry it (an
+        # extra backoff sleep the counts below would see).
+        h.send_header("Connection", "close")
         h.end_headers()
         for chunk in chunks:
             h.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")

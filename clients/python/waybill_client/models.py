@@ -100,14 +100,18 @@ class TaskWebhook:
     url: str
     status: str | None
     attempts: int | None
+    # (1.1) The events POSTed to the URL; empty from a server that does not say.
+    events: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, data: Any) -> TaskWebhook:
         d = _object(data, "webhook")
+        events = d.get("events")
         return cls(
             url=str(d.get("url") or ""),
             status=_opt_str(d.get("status")),
             attempts=_opt_int(d.get("attempts")),
+            events=tuple(str(e) for e in events) if isinstance(events, list) else (),
         )
 
 
