@@ -7,6 +7,7 @@ import math
 
 from celery import Celery
 
+from app.dispatch import TaskLabel
 from app.queues import DELIVER_WEBHOOK, MAINTENANCE_QUEUE, RUN_TASK, TASKS_QUEUE, WEBHOOKS_QUEUE
 
 
@@ -32,10 +33,19 @@ class CeleryPublisher:
             self._whole_seconds = is_amqp(str(self.celery.conf.broker_url or ""))
         return float(math.ceil(countdown)) if self._whole_seconds else countdown
 
-    def run_task(self, task_id: str) -> None:
+    def run_task(self, task_id: str, label: TaskLabel | None = None) -> None:
         # The Celery id is the task id: Flower and `celery inspect` show a
         # task under the id clients know, and a revoke reaches every copy.
-        self.celery.send_task(RUN_TASK, args=[task_id], queue=TASKS_QUEUE, task_id=task_id)
+        # With a label, Flower names the task by its Waybill type
+        # ("waybill.tasks.run:http.fetch") and shows its organization beside
+        # the id: what an operator needs to tell tasks apart; never the input.
+        shown: dict[str, str] = {}
+        if label is not None:
+            shown = {
+                "shadow": f"{RUN_TASK}:{label.type}",
+                "argsrepr": f"({task_id!r},) organization={label.organization_id}",
+            }
+        self.celery.send_task(RUN_TASK, args=[task_id], queue=TASKS_QUEUE, task_id=task_id, **shown)
 
     def deliver_webhook(self, delivery_id: str, countdown: float | None = None) -> None:
         self.celery.send_task(

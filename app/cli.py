@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,41 @@ def cmd_key_revoke(args: argparse.Namespace, settings: Settings) -> int:
         key = organizations.revoke_api_key(s, args.key)
         out = {"keyId": key.id, "revoked": True, "revokedAt": iso(key.revoked_at)}
     _print(out)
+    return 0
+
+
+_AGO = re.compile(r"([0-9]{1,7})([smhd])")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_value(text: str, now: datetime | None = None) -> datetime:
+    """``--since``: an RFC 3339 time with its offset, or a duration ago (``90m``, ``2h``, ``7d``)."""
+    text = text.strip()
+    ago = _AGO.fullmatch(text)
+    if ago is not None:
+        return (now or datetime.now(UTC)) - timedelta(seconds=int(ago.group(1)) * _UNIT[ago.group(2)])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an RFC 3339 time with its offset (2026-11-30T08:00:00Z) "
+            "or a duration ago (90m, 2h, 7d)"
+        )
+    return when
+
+
+def cmd_deliveries_redeliver(args: argparse.Namespace, settings: Settings) -> int:
+    """Every failed delivery of the organization since ``--since`` (to ``--host``) again, as the API does."""
+    from app import create_app
+    from app.usecases import redeliver
+
+    with _db(settings).read_session() as s:
+        organizations.get_organization(s, args.org_id)  # unknown: exit 1 with its message
+    app = create_app(settings)
+    count = redeliver.redeliver_failed(app.extensions["waybill"], args.org_id, args.since, args.host)
+    _print({"organizationId": args.org_id, "count": count})
     return 0
 
 
@@ -417,6 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = key.add_parser("revoke", help="revoke an API key, given its id (key_...) or the key (wb_...)")
     p.add_argument("key", metavar="KEY_ID|KEY")
     p.set_defaults(func=cmd_key_revoke, needs_database=True)
+
+    deliveries = sub.add_parser("deliveries", help="webhook deliveries").add_subparsers(
+        dest="deliveries_command", required=True
+    )
+    p = deliveries.add_parser(
+        "redeliver", help="deliver again every failed delivery of an organization since a time"
+    )
+    p.add_argument("org_id")
+    p.add_argument(
+        "--since", type=since_value, required=True, help="RFC 3339 time, or a duration ago: 2h, 7d"
+    )
+    p.add_argument("--host", help="only deliveries to this host")
+    p.set_defaults(func=cmd_deliveries_redeliver, needs_database=True)
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply the migrations").set_defaults(func=cmd_db_upgrade)

@@ -9,7 +9,7 @@ from flask import current_app
 
 from app import redis_conn
 from app.db import Database
-from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher
+from app.dispatch import Dispatch, Dispatcher, DispatchSettings, Publisher, TaskLabel
 from app.services.task_types import Registry
 from app.services.waiting import Waiter
 from app.usecases.first_attempt import FirstAttempts
@@ -81,8 +81,19 @@ class Waybill:
     def dispatch(self) -> Dispatch:
         """The seam every use case hands work on through."""
         if self._dispatch is None:
-            self._dispatch = Dispatch(lambda: self.dispatcher, self.publisher)
+            labels = self._task_labels if self.settings.task_events else None
+            self._dispatch = Dispatch(lambda: self.dispatcher, self.publisher, labels)
         return self._dispatch
+
+    def _task_labels(self, task_ids: list[str]) -> dict[str, TaskLabel]:
+        """Type and organization of released tasks, for Flower (asked only with task events on)."""
+        from sqlalchemy import select
+
+        from app.models import Task
+
+        with self.db.read_session() as s:
+            rows = s.execute(select(Task.id, Task.type, Task.organization_id).where(Task.id.in_(task_ids)))
+            return {task_id: TaskLabel(type_, org_id) for task_id, type_, org_id in rows}
 
 
 def current() -> Waybill:

@@ -93,7 +93,7 @@ class RecordingPublisher:
     revoked: list[str] = field(default_factory=list)
     fail: bool = False
 
-    def run_task(self, task_id: str) -> None:
+    def run_task(self, task_id: str, label: object = None) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         self.tasks.append(task_id)

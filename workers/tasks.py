@@ -9,6 +9,12 @@ from app import queues
 from app.container import current
 from app.usecases import deliver, retention, run, sweep
 
+# Maintenance tasks (beat's sweep, dispatch step, retention, reconcile) send
+# no task events (send_events=False; Celery's worker checks it before every
+# task-received/started/succeeded event): the dispatch step alone runs every
+# second and would fill Flower's task list, hiding the organizations' tasks.
+# They still log, count in /metrics and show in `celery inspect`.
+
 # A database that is briefly away (restart, failover) must not drop the
 # message: retry with backoff until it is back; the work is idempotent.
 _DB_RETRY: dict[str, object] = {
@@ -40,22 +46,22 @@ def deliver_webhook(delivery_id: str) -> str:
     return deliver.deliver(current(), delivery_id)
 
 
-@shared_task(name=queues.SWEEP)
+@shared_task(name=queues.SWEEP, send_events=False)
 def sweep_task() -> dict[str, int]:
     return sweep.run_sweep(current())
 
 
-@shared_task(name=queues.DISPATCH_STEP)
+@shared_task(name=queues.DISPATCH_STEP, send_events=False)
 def dispatch_step() -> int:
     """Beat's dispatch step: nothing waits for a trigger that was lost."""
     return current().dispatch.step()
 
 
-@shared_task(name=queues.RETENTION)
+@shared_task(name=queues.RETENTION, send_events=False)
 def retention_task(max_batches: int = 200) -> int:
     return retention.run_retention(current(), max_batches)
 
 
-@shared_task(name=queues.RECONCILE)
+@shared_task(name=queues.RECONCILE, send_events=False)
 def reconcile_task() -> int:
     return sweep.reconcile(current())

@@ -254,6 +254,8 @@ def build_spec() -> dict[str, Any]:
         ("TaskType", schemas.TaskTypeSchema),
         ("WebhookSecret", schemas.WebhookSecretSchema),
         ("DeliveryList", schemas.DeliveryListSchema),
+        ("RedeliverFailed", schemas.RedeliverFailedSchema),
+        ("RedeliverCount", schemas.RedeliverCountSchema),
         ("Health", schemas.HealthSchema),
     )
     for name, component in components:
@@ -449,6 +451,32 @@ def build_spec() -> dict[str, Any]:
                     },
                 }
             ),
+        },
+    )
+    spec.path(
+        path="/v1/deliveries/redeliver",
+        operations={
+            "post": _v1(
+                {
+                    "summary": "(1.1) Deliver again the failed deliveries since a time, to any or one host",
+                    "description": (
+                        "Each failed delivery of the organization created at or after `since` (and to "
+                        "`host`) becomes pending again with one more attempt and its webhook-id; at most "
+                        "10,000 per call, the rest stay failed for the next call."
+                    ),
+                    "operationId": "redeliverFailed",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("RedeliverFailed")}},
+                    },
+                    "responses": {
+                        "202": _json(_ref("RedeliverCount"), "The deliveries queued again"),
+                        "413": _problem("Body over the size limit"),
+                        "415": _problem("Not JSON"),
+                    },
+                },
+                bad_request='Not `{"since": <RFC 3339>, "host"?}` (`errors` names the field)',
+            )
         },
     )
     # Operations with one 200 answer and nothing else of their own.

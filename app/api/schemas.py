@@ -155,6 +155,29 @@ class ErrorDetailSchema(Schema):
     message = fields.String()
 
 
+class RedeliverFailedSchema(Schema):
+    """``POST /v1/deliveries/redeliver``: the organization's failed deliveries since a time, to a host."""
+
+    class Meta:
+        unknown = RAISE
+
+    since = fields.AwareDateTime(
+        required=True,
+        format="iso",
+        metadata={"description": "RFC 3339 with its offset: deliveries created at or after it"},
+    )
+    host = fields.String(
+        validate=validate.Length(min=1, max=253),
+        metadata={"description": "only deliveries to this host (as in their URL; case does not matter)"},
+    )
+
+
+class RedeliverCountSchema(Schema):
+    count = fields.Integer(
+        required=True, metadata={"description": "deliveries queued again (at most 10,000)"}
+    )
+
+
 class TaskWebhookSchema(Schema):
     url = fields.String()
     status = fields.String(

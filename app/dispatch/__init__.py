@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 import redis
@@ -22,23 +23,39 @@ from app.dispatch.state import Dispatcher, DispatchSettings
 
 log = logging.getLogger("waybill.dispatch")
 
-__all__ = ["Dispatch", "DispatchSettings", "Dispatcher", "Publisher", "keys"]
+__all__ = ["Dispatch", "DispatchSettings", "Dispatcher", "Publisher", "TaskLabel", "keys"]
 
 
 class Publisher(Protocol):
     """Celery, seen from dispatch (``app.broker.CeleryPublisher``; tests record instead)."""
 
-    def run_task(self, task_id: str) -> None: ...
+    def run_task(self, task_id: str, label: TaskLabel | None = None) -> None: ...
 
     def deliver_webhook(self, delivery_id: str, countdown: float | None = None) -> None: ...
 
     def revoke(self, task_id: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class TaskLabel:
+    """What operators see of a run message in Flower: the task's type and organization, never its input."""
+
+    type: str
+    organization_id: str
+
+
 class Dispatch:
-    def __init__(self, state: Callable[[], Dispatcher], publisher: Publisher) -> None:
+    def __init__(
+        self,
+        state: Callable[[], Dispatcher],
+        publisher: Publisher,
+        labels: Callable[[list[str]], dict[str, TaskLabel]] | None = None,
+    ) -> None:
         self._state = state  # built on first use: a process without Redis can still serve reads
         self.publisher = publisher
+        # Looks up the labels of released tasks (one read per publish batch);
+        # None, or a failed look-up, publishes without them.
+        self._labels = labels
 
     @property
     def state(self) -> Dispatcher:
@@ -167,9 +184,18 @@ class Dispatch:
     def _publish(self, task_ids: Iterable[str]) -> int:
         """Publish a run message per released task; a task whose publish failed is given back."""
         sent = 0
-        for task_id in task_ids:
+        ids = list(task_ids)
+        labels: dict[str, TaskLabel] = {}
+        if ids and self._labels is not None:
             try:
-                self.publisher.run_task(task_id)
+                labels = self._labels(ids)
+            except Exception as exc:  # a label is for display only: never hold a publish for it
+                log.warning(
+                    "task labels unavailable", extra={"event": "dispatch.labels_failed", "error": repr(exc)}
+                )
+        for task_id in ids:
+            try:
+                self.publisher.run_task(task_id, labels.get(task_id))
                 sent += 1
             except Exception as exc:
                 log.warning(

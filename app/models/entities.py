@@ -159,6 +159,8 @@ class WebhookDelivery(Base):
         # One delivery per event of a task; task.progress has one per stored report (seq).
         UniqueConstraint("task_id", "event_type", "seq", name="uq_webhook_deliveries_task_event"),
         Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+        # Bulk redelivery: an organization's failed deliveries since a time.
+        Index("ix_webhook_deliveries_org_status_created", "organization_id", "status", "created_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 
 import pytest
@@ -22,6 +23,8 @@ def test_flower_shows_waybill_tasks_by_name_and_state_and_requires_credentials(
     stack = make_stack()
     stack.web()
     stack.worker(queues="tasks", concurrency=2)
+    stack.webhooks_worker()  # consumes the maintenance queue too: beat's ticks run there
+    stack.beat()
     port = free_port()
     flower = stack.start(
         "flower",
@@ -39,23 +42,28 @@ def test_flower_shows_waybill_tasks_by_name_and_state_and_requires_credentials(
 
     wait_for(up, 60, "Flower to answer")
     assert flower.alive(), flower.output()
-    api = Api(stack.base_url, stack.org())
-    ids = [api.submit({"type": "echo", "input": i}).json()["taskId"] for i in range(3)]
+    org = stack.org()
+    api = Api(stack.base_url, org)
+    secret_input = {"password": "hunter2-never-shown"}
+    ids = [api.submit({"type": "echo", "input": {**secret_input, "n": i}}).json()["taskId"] for i in range(3)]
     for task_id in ids:
         api.wait_status(task_id, {"succeeded"})
+    time.sleep(3)  # beat's dispatch step ticks every second meanwhile
 
     def seen() -> dict:
         r = requests.get(base + "/api/tasks", auth=("ops", "s3cret"), timeout=5)
-        found = {
-            k: v
-            for k, v in r.json().items()
-            if v.get("name") == "waybill.tasks.run" and v.get("state") == "SUCCESS"
-        }
-        return found if set(ids) <= set(found) else {}
+        everything = r.json()
+        found = {k: v for k, v in everything.items() if v.get("state") == "SUCCESS" and k in ids}
+        return everything if set(ids) <= set(found) else {}
 
     tasks = wait_for(seen, 30, "Flower to list the tasks")
     for task_id in ids:
-        assert task_id in tasks[task_id]["args"]  # ids, never payloads
+        # Named by its Waybill type, with its organization beside the id; never the input.
+        assert tasks[task_id]["name"] == "waybill.tasks.run:echo", tasks[task_id]
+        assert task_id in tasks[task_id]["args"] and org.id in tasks[task_id]["args"]
+        assert "hunter2" not in json.dumps(tasks[task_id])
+    # Beat's maintenance ticks send no task events: the operators' list holds only their tasks.
+    assert not [v["name"] for v in tasks.values() if str(v.get("name", "")).startswith("waybill.maintenance")]
     assert requests.get(base + "/api/tasks", timeout=5).status_code == 401
     assert requests.get(base + "/api/tasks", auth=("ops", "wrong"), timeout=5).status_code == 401
 

@@ -295,6 +295,15 @@ def _tasks(c: Contract, db: Database) -> None:
 
 def _organization(c: Contract, db: Database) -> None:
     key = make_org(db, "owner").api_key
+    bulk = "/v1/deliveries/redeliver"
+    counted = c.call(
+        "post", bulk, 202, json={"since": "2026-01-01T00:00:00Z", "host": "x"}, headers=_auth(key)
+    )
+    assert counted.get_json() == {"count": 0}
+    c.call("post", bulk, 400, json={"since": "2026-01-01T00:00:00"}, headers=_auth(key))
+    raw = json.dumps({"since": "2026-01-01T00:00:00Z", "host": "x" * 1_100_000})
+    c.call("post", bulk, 413, data=raw, content_type="application/json", headers=_auth(key))
+    c.call("post", bulk, 415, data="since=1", content_type="text/plain", headers=_auth(key))
     for path in ("/v1/organization", "/v1/task-types", "/v1/webhook-secret"):
         c.call("get", path, 200, headers=_auth(key))
     c.call("post", "/v1/webhook-secret/rotate", 200, headers=_auth(key))

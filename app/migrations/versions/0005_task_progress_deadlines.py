@@ -14,7 +14,8 @@ Create Date: 2026-11-30 00:30:00
 * ``webhook_deliveries.seq``: a task has one delivery per event, except
   ``task.progress``, which has one per stored report (its ``progress_seq``);
   the unique constraint becomes (task_id, event_type, seq), still the
-  backstop against a second final event.
+  backstop against a second final event. An index (organization_id, status,
+  created_at) serves bulk redelivery (``POST /v1/deliveries/redeliver``).
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("seq", sa.Integer(), nullable=False, server_default="0"))
         batch_op.drop_constraint("uq_webhook_deliveries_task_event", type_="unique")
         batch_op.create_unique_constraint("uq_webhook_deliveries_task_event", ["task_id", "event_type", "seq"])
+        batch_op.create_index(
+            "ix_webhook_deliveries_org_status_created", ["organization_id", "status", "created_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_deliveries_org_status_created")
         batch_op.drop_constraint("uq_webhook_deliveries_task_event", type_="unique")
         batch_op.create_unique_constraint("uq_webhook_deliveries_task_event", ["task_id", "event_type"])
         batch_op.drop_column("seq")
