@@ -81,6 +81,13 @@ WEBHOOK_DELIVERY_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
+WEBHOOK_DEFERRED = Counter(
+    "waybill_webhook_deferred_total",
+    "Webhook attempts not sent when due, and not counted as attempts, by reason: "
+    "organization_limit, host_limit (no slot: the delivery waits its turn), circuit_open.",
+    ["reason"],
+)
+
 
 class LiveCollector(Collector):
     """Gauges read at scrape time from Redis (queue depths) and SQL (per-organization counts)."""
@@ -100,6 +107,24 @@ class LiveCollector(Collector):
             pass
         yield depth
         yield from self._organizations()
+        yield from self._circuits()
+
+    def _circuits(self) -> Iterator[GaugeMetricFamily]:
+        """Hosts whose webhook circuit is open or half-open (being probed), from Redis."""
+        from app.services.circuits import snapshot
+
+        gauge = GaugeMetricFamily(
+            "waybill_webhook_circuits_open",
+            "Receiving hosts whose webhook circuit is open (half_open: a probe is in flight).",
+            labels=["state"],
+        )
+        try:
+            circuits = snapshot(self.waybill.redis)
+        except Exception:  # a scrape must not fail because Redis is away
+            return
+        for state in ("open", "half_open"):
+            gauge.add_metric([state], float(sum(1 for c in circuits if c["state"] == state)))
+        yield gauge
 
     def _organizations(self) -> Iterator[GaugeMetricFamily]:
         from sqlalchemy import func, select

@@ -49,6 +49,18 @@ class Settings:
     # queue); when all are busy the attempt goes through the queue.
     webhook_first_attempt_threads: int = 4
     webhook_allow_private: bool = False
+    # Isolation between organizations and hosts (docs/webhooks.rst): attempts
+    # in flight at once, fleet-wide, per organization and per receiving host
+    # (host:port); 0: no bound. About half the webhook-sending slots, so that
+    # one organization or host whose receiver hangs leaves the rest to others.
+    webhook_max_per_organization: int = 2
+    webhook_max_per_host: int = 3
+    # A host's circuit opens after this many consecutive connection failures
+    # or timeouts (0: no circuits); its deliveries then wait, and one probe
+    # tests it after the cool-down, doubling after each failed probe up to the max.
+    webhook_circuit_failures: int = 5
+    webhook_circuit_cooldown_seconds: float = 30.0
+    webhook_circuit_max_seconds: float = 300.0
     fetch_allow_private: bool = False
     default_queue_limit: int = 100_000
     default_concurrency_limit: int = 10
@@ -84,6 +96,12 @@ class Settings:
     event_streams_per_process: int = 200
     # "user:password"; Flower refuses to start without it outside the local run.
     flower_basic_auth: str = ""
+    # "user:password" for the operator console (/console/); `waybill serve`
+    # refuses to start without it outside the local run, which generates one.
+    console_basic_auth: str = ""
+    # false: the web process serves no console at all (/console/ is 404), for
+    # nodes that serve only the API; it then needs no CONSOLE_BASIC_AUTH.
+    console_enabled: bool = True
     log_level: str = "INFO"
     # Celery task events from the workers, for Flower (docs/operations.rst).
     task_events: bool = True

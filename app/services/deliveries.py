@@ -110,6 +110,7 @@ class AttemptPlan:
     created_at: datetime
     task_id: str = ""
     request_id: str | None = None
+    organization_id: str = ""
 
 
 # An attempt's statements, built once, as Core (see the run's in tasks.py).
@@ -198,7 +199,83 @@ def claim_attempt(
         created_at=claimed.created_at,
         task_id=claimed.task_id,
         request_id=request_id,
+        organization_id=claimed.organization_id,
     )
+
+
+def defer_attempt(
+    session: Session, delivery_id: str, *, until: datetime | None = None, claimed: bool = False
+) -> bool:
+    """Record that a due attempt was not sent (no slot, or its host's circuit is open).
+
+    Not an attempt: the count, the retry schedule and the status stay.
+    ``claimed``: the caller holds the attempt's claim and gives it back. With
+    ``until`` the delivery is next due then (the circuit's next probe), so the
+    sweep does not publish it again in the meantime; without it, it stays due
+    and waits in Redis for a slot. False when nothing was written.
+    """
+    values: dict[str, Any] = {}
+    conditions = [_D.c.id == delivery_id, _D.c.status == PENDING]
+    if claimed:
+        values["claimed_until"] = None
+    else:  # never move an attempt another sender holds
+        conditions.append(or_(_D.c.claimed_until.is_(None), _D.c.claimed_until <= utcnow()))
+    if until is not None:
+        values["next_attempt_at"] = until
+    if not values:
+        return False
+    done = session.connection().execute(update(_D).where(*conditions).values(**values))
+    return bool(done.rowcount)
+
+
+def bring_forward(session: Session, delivery_ids: list[str], *, now: datetime | None = None) -> None:
+    """Make deferred deliveries due now (their circuit closed, or one is its probe)."""
+    if delivery_ids:
+        session.connection().execute(
+            update(_D)
+            .where(_D.c.id.in_(delivery_ids), _D.c.status == PENDING)
+            .values(next_attempt_at=now or utcnow())
+        )
+
+
+@dataclass(frozen=True)
+class Route:
+    organization_id: str
+    url: str
+    task_id: str
+    claimable: bool  # pending, due, and nobody's attempt right now
+
+
+def route_of(session: Session, delivery_id: str, *, early_tolerance: float = 1.0) -> Route | None:
+    """Where a delivery goes and whether its attempt could be claimed now, without claiming it.
+
+    The sender takes the attempt's slots (and asks its circuit) from this,
+    before the claim: a delivery that must wait is parked in Redis while no
+    claim of ours is on it, so whoever hands it on next can claim it.
+    """
+    row = (
+        session.connection()
+        .execute(
+            select(
+                _D.c.organization_id,
+                _D.c.url,
+                _D.c.task_id,
+                _D.c.status,
+                _D.c.claimed_until,
+                _D.c.next_attempt_at,
+            ).where(_D.c.id == delivery_id)
+        )
+        .first()
+    )
+    if row is None:
+        return None
+    now = utcnow()
+    claimable = (
+        row.status == PENDING
+        and (row.claimed_until is None or row.claimed_until <= now)
+        and (row.next_attempt_at is None or row.next_attempt_at <= now + timedelta(seconds=early_tolerance))
+    )
+    return Route(row.organization_id, row.url, row.task_id, claimable)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import os
 
 from app.container import Waybill
 from app.services import sweep
+from app.usecases import deliver
 from app.usecases.deadlines import expire_overdue
 from app.usecases.recovery import enqueue_from_sql, rebuild, verify_queued
 from app.usecases.unit_of_work import UnitOfWork
@@ -47,8 +48,11 @@ def run_sweep(wb: Waybill) -> dict[str, int]:
     # Running tasks whose lease expired, and overdue webhook attempts.
     with UnitOfWork(wb.db) as uow:
         found = sweep.plan(uow.session, grace_seconds=s.sweep_grace_seconds)
-        for delivery_id in found.delivery_ids:
+        # Those Redis holds (parked for a slot, or waiting for their host's
+        # circuit) are handed on by it; the rest were lost on the way.
+        for delivery_id in deliver.unheld(wb, found.delivery_ids):
             uow.after_commit(wb.dispatch.deliver, delivery_id)
+    held = deliver.hand_on_held(wb)
     confirmed = missing = 0
     for _ in range(CONFIRM_BATCHES):
         with wb.db.read_session() as session:
@@ -86,6 +90,8 @@ def run_sweep(wb: Waybill) -> dict[str, int]:
         "orphans_requeued": orphaned,
         "webhooks": len(found.delivery_ids),
         "deadlines": expired,
+        "webhooks_drained": held["drained"],
+        "webhooks_circuit": held["circuit"],
     }
 
 

@@ -105,7 +105,12 @@ def test_signed_full_result_verified_with_old_and_new_secret(
     assert got.headers["webhook-id"] == delivery["webhookId"]
     assert event["type"] == "task.succeeded"
     task = api.get(task_id)
-    assert task["webhook"] == {"url": receiver.url + "/hook", "status": "delivered", "attempts": 1}
+    assert task["webhook"] == {
+        "url": receiver.url + "/hook",
+        "status": "delivered",
+        "attempts": 1,
+        "events": ["task.succeeded", "task.failed", "task.canceled"],
+    }
     sent = event["data"]
     assert sent["taskId"] == task_id and sent["result"] == {"n": 1} and sent["metadata"] == {"order": 7}
     assert {k: v for k, v in sent.items() if k != "webhook"} == {

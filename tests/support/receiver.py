@@ -47,7 +47,7 @@ def event_task_id(body: bytes) -> str:
 class Receiver:
     """Records every request; ``with Receiver() as r:`` closes it at the end."""
 
-    def __init__(self, respond: Callable[[int], Answer] = answer_ok) -> None:
+    def __init__(self, respond: Callable[[int], Answer] = answer_ok, port: int = 0) -> None:
         self.respond = respond
         self.received: list[Received] = []
         self.first_arrival: dict[str, float] = {}  # task id -> ``at`` of its first event
@@ -80,7 +80,8 @@ class Receiver:
 
             do_GET = do_POST  # a followed redirect would arrive as a GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # ``port``: a given one, to bring back a receiver that was down (0: any free port).
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True

@@ -25,7 +25,7 @@ class _Celery:
 
 def test_a_labelled_run_message_shows_type_and_organization_never_the_input() -> None:
     celery = _Celery()
-    publisher = CeleryPublisher(celery)  # type: ignore[arg-type]
+    publisher = CeleryPublisher(celery)
     publisher.run_task("task_1", TaskLabel("http.fetch", "org_9"))
     publisher.run_task("task_2")
     labelled, bare = celery.sent
@@ -55,7 +55,8 @@ def test_dispatch_labels_what_it_releases_and_publishes_without_labels_when_the_
 
     publisher = _Labelled()
     assert Dispatch(lambda: Dispatcher(redis), publisher, labels).enqueue("t1", "org_a", 5)
-    assert publisher.tasks == ["t1"] and publisher.labels == [TaskLabel("echo", "org_a")] and asked == [["t1"]]
+    assert publisher.tasks == ["t1"] and publisher.labels == [TaskLabel("echo", "org_a")]
+    assert asked == [["t1"]]
 
     def broken(_ids: list[str]) -> dict[str, TaskLabel]:
         raise RuntimeError("database away")

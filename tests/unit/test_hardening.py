@@ -30,6 +30,7 @@ from app.models.base import utcnow
 from app.services import deliveries, json_limits, lifecycle, outbound, submission
 from app.services.task_types import Registry, TaskContext, TaskType
 from app.usecases import run
+from config import Settings
 from tests.support import Org, Receiver, answer_no_content
 from tests.support.orgs import ledger_sum
 from tests.support.orgs import organization as org_row
@@ -395,9 +396,17 @@ def test_a_delivery_whose_claim_keeps_raising_fails_after_its_attempts(
     assert delivery_id is not None
 
     published: list[tuple[str, float | None]] = []
-    wb = SimpleNamespace(
+
+    class NoRedis(SimpleNamespace):
+        @property
+        def redis(self) -> object:
+            # As a container without Redis answers: delivery then goes without
+            # its isolation bounds (docs/webhooks.rst), and must still end.
+            raise RuntimeError("no Redis configured")
+
+    wb = NoRedis(
         db=db,
-        settings=SimpleNamespace(
+        settings=Settings().with_overrides(
             webhook_timeout_seconds=1.0, webhook_allow_private=False, webhook_retry_base_seconds=1.0
         ),
         dispatch=SimpleNamespace(deliver=lambda d, c=None: published.append((d, c))),
