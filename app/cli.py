@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -219,6 +220,13 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """gunicorn, as the Procfile's ``web`` line runs it."""
+    from app.console import refusal
+
+    # Before gunicorn starts: one line here, rather than a traceback per
+    # gunicorn worker, and never a console that serves without credentials.
+    problem = refusal(settings, os.environ)
+    if problem is not None:
+        raise CliError(problem)
     # By module, with this interpreter: the venv's bin need not be on PATH.
     argv = [
         sys.executable,
@@ -246,23 +254,19 @@ def flower_command(settings: Settings, environ: Mapping[str, str]) -> tuple[list
     Any user of the host can read a process's command line (``ps``), so the
     password goes in the environment: Flower reads ``FLOWER_<OPTION>``
     variables as its options (``apply_env_options`` in flower/command.py).
+    Flower always has a password, the local run's included (``waybill run``
+    generates one), so its HTTP API (what the dashboard's worker and task
+    actions call) works with the same credentials everywhere.
     """
-    env = dict(environ)
-    address = settings.http_host
-    if settings.flower_basic_auth:
-        env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
-    elif environ.get(LOCAL_RUN_ENV) == "1":
-        # The local run goes without a password, so it listens on loopback
-        # only, whatever HTTP_HOST says. Flower 2 answers 401 to its HTTP API
-        # (what the UI's worker and task actions call) when no auth is
-        # configured, unless this variable says the API may go without.
-        address = "127.0.0.1"
-        env["FLOWER_UNAUTHENTICATED_API"] = "true"
-    else:
+    if not settings.flower_basic_auth:
         raise CliError(
             "refusing to start Flower without FLOWER_BASIC_AUTH=user:password "
-            "(only the local run, on 127.0.0.1, may go without)"
+            "(`waybill run` generates one for the local run)"
         )
+    env = dict(environ)
+    env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
+    # An inherited "API without authentication" must not outlive the password's arrival.
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
     argv = [
         sys.executable,
         "-m",
@@ -270,7 +274,7 @@ def flower_command(settings: Settings, environ: Mapping[str, str]) -> tuple[list
         "-A",
         "workers.main",
         "flower",
-        f"--address={address}",
+        f"--address={settings.http_host}",
         f"--port={settings.flower_port}",
     ]
     return argv, env
@@ -340,6 +344,53 @@ def ensure_demo(settings: Settings) -> dict[str, str]:
     return demo
 
 
+# The local run's operator credentials, generated when the environment gives none.
+LOCAL_CREDENTIALS = ("CONSOLE_BASIC_AUTH", "FLOWER_BASIC_AUTH")
+
+
+def local_run_credentials(env: dict[str, str]) -> dict[str, str]:
+    """Set every unset operator credential of ``env`` to a new ``operator:<random>``; returns those set.
+
+    The console and Flower never run without a password, not even locally;
+    the processes of the run get these in their environment (never on a
+    command line), and the banner prints them.
+    """
+    generated = {}
+    for name in LOCAL_CREDENTIALS:
+        if not env.get(name):
+            env[name] = generated[name] = f"operator:{secrets.token_urlsafe(18)}"
+    return generated
+
+
+def banner(
+    settings: Settings, env: Mapping[str, str], demo: Mapping[str, str], generated: Mapping[str, str]
+) -> str:
+    """What ``waybill run`` prints once everything is ready to start."""
+    base = f"http://{settings.http_host}:{settings.http_port}"
+
+    def credentials(name: str) -> str:
+        # Generated ones are printed (nobody else knows them); an operator's own are not repeated.
+        return generated.get(name, f"as set in {name}")
+
+    return f"""
+Waybill is starting: API {base}
+Console {base}/console/   user:password {credentials("CONSOLE_BASIC_AUTH")}
+Flower  http://{settings.http_host}:{settings.flower_port}/   user:password {credentials("FLOWER_BASIC_AUTH")}
+Redis {env["REDIS_URL"]}   Broker {env.get("BROKER_URL") or "the same Redis"}
+Database {settings.resolved_database_url()}
+
+Demo organization {demo["organizationId"]}, API key:
+  {demo["apiKey"]}
+
+Try it (in another terminal):
+  curl -s -X POST {base}/v1/tasks -H 'Authorization: Bearer {demo["apiKey"]}' \\
+       -H 'Content-Type: application/json' -d '{{"type": "echo", "input": {{"hello": "world"}}}}'
+  curl -s {base}/v1/tasks/TASK_ID -H 'Authorization: Bearer {demo["apiKey"]}'
+
+Ctrl-C stops everything.
+"""
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The local run: migrate, start Redis if needed, make a demo key, run the Procfile."""
     from app.embedded_redis import EmbeddedRedis
@@ -370,25 +421,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         url_file.write_text(redis.url)
         env["REDIS_URL"] = redis.url
     demo = ensure_demo(settings)
-    base = f"http://{settings.http_host}:{settings.http_port}"
-    print(
-        f"""
-Waybill is starting: API {base}  Flower http://{settings.http_host}:{settings.flower_port}
-Redis {env["REDIS_URL"]}   Broker {env.get("BROKER_URL") or "the same Redis"}
-Database {settings.resolved_database_url()}
-
-Demo organization {demo["organizationId"]}, API key:
-  {demo["apiKey"]}
-
-Try it (in another terminal):
-  curl -s -X POST {base}/v1/tasks -H 'Authorization: Bearer {demo["apiKey"]}' \\
-       -H 'Content-Type: application/json' -d '{{"type": "echo", "input": {{"hello": "world"}}}}'
-  curl -s {base}/v1/tasks/TASK_ID -H 'Authorization: Bearer {demo["apiKey"]}'
-
-Ctrl-C stops everything.
-""",
-        flush=True,
-    )
+    generated = local_run_credentials(env)
+    print(banner(settings, env, demo, generated), flush=True)
     procfile = Path(args.procfile).resolve()
     # The Procfile's commands (celery, waybill, honcho itself) live beside
     # this interpreter, which need not be on PATH (make run calls .venv/bin/waybill).

@@ -27,6 +27,7 @@ def create_app(
     from app.api import register_api
     from app.broker import CeleryPublisher
     from app.celery_app import celery_init_app
+    from app.console import init_app as init_console
     from app.logs import configure_logging
 
     settings = settings or Settings.from_env()
@@ -44,4 +45,6 @@ def create_app(
         waiter=Waiter(settings.wait_max_concurrent),
     )
     register_api(flask_app)
+    # The operator console (/console/), behind CONSOLE_BASIC_AUTH; off with CONSOLE_ENABLED=false.
+    init_console(flask_app, settings)
     return flask_app

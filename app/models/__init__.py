@@ -3,6 +3,7 @@
 from app.models.base import Base
 from app.models.entities import (
     ApiKey,
+    AuditRecord,
     CreditEntry,
     DeliveryStatus,
     Organization,
@@ -15,6 +16,7 @@ from app.models.entities import (
 
 __all__ = [
     "ApiKey",
+    "AuditRecord",
     "Base",
     "CreditEntry",
     "DeliveryStatus",

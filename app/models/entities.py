@@ -196,3 +196,27 @@ class WebhookAttempt(Base):
     response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class AuditRecord(Base):
+    """One operator action taken in the console: who, what, on what, when.
+
+    Written by the console (``app/console``) for every action that changes
+    something; never updated or deleted, and kept past task retention (an
+    organization's history outlives its tasks). No foreign key: a record
+    names its target as it was, whatever happens to that row later.
+    """
+
+    __tablename__ = "audit_records"
+    __table_args__ = (
+        # An organization's page lists its latest records first.
+        Index("ix_audit_records_org_id", "organization_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))  # the Basic-auth user
+    action: Mapped[str] = mapped_column(String(64))  # e.g. "limits.set", "key.revoke"
+    organization_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    target: Mapped[str] = mapped_column(String(200))  # the id acted on (org, key, task)
+    summary: Mapped[str] = mapped_column(Text)

@@ -10,6 +10,7 @@ then a kill for whatever has not exited in time.
 
 from __future__ import annotations
 
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,19 @@ class Stack:
     org_defaults: dict[str, int] = field(default_factory=dict)
     procs: list[Process] = field(default_factory=list)
     base_url: str = ""
+
+    def __post_init__(self) -> None:
+        # The web process, like a deployment's, serves the operator console and
+        # so needs its credentials (`waybill serve` refuses to start without
+        # them): a fresh pair per stack unless the caller's environment has one.
+        if not self.env.get("CONSOLE_BASIC_AUTH"):
+            self.env = {**self.env, "CONSOLE_BASIC_AUTH": f"operator:{secrets.token_urlsafe(16)}"}
+
+    @property
+    def console_auth(self) -> tuple[str, str]:
+        """The console's (user, password), for ``requests``' ``auth=``."""
+        user, _, password = self.env["CONSOLE_BASIC_AUTH"].partition(":")
+        return user, password
 
     def start(self, name: str, argv: list[str], **env: str) -> Process:
         proc = Process(name, argv, {**self.env, **env}, self.log_dir, cwd=ROOT)

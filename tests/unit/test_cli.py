@@ -32,6 +32,8 @@ AMBIENT = (
     "BROKER_URL",
     "FLOWER_BASIC_AUTH",
     "FLOWER_UNAUTHENTICATED_API",
+    "CONSOLE_BASIC_AUTH",
+    "CONSOLE_ENABLED",
     "FAULT_CRASH_AFTER_COMMIT",
     "FAULT_INJECTION",
     cli.LOCAL_RUN_ENV,
@@ -323,14 +325,87 @@ def test_flower_password_goes_through_the_environment(settings: Settings) -> Non
     assert "FLOWER_UNAUTHENTICATED_API" not in env
 
 
-def test_flower_in_the_local_run_opens_its_api_on_loopback_only(settings: Settings) -> None:
-    argv, env = cli.flower_command(settings.with_overrides(http_host="0.0.0.0"), {cli.LOCAL_RUN_ENV: "1"})
-    assert env["FLOWER_UNAUTHENTICATED_API"] == "true"
-    assert "--address=127.0.0.1" in argv
-    # Outside the local run: no password, no Flower.
-    with pytest.raises(cli.CliError, match="FLOWER_BASIC_AUTH") as refused:
-        cli.flower_command(settings, {"FLOWER_UNAUTHENTICATED_API": "true"})
-    assert refused.value.status == 2
+def test_flower_always_needs_a_password_and_drops_an_inherited_open_api(settings: Settings) -> None:
+    # Not even the local run goes without: `waybill run` generates one (below).
+    for environ in ({}, {cli.LOCAL_RUN_ENV: "1"}, {"FLOWER_UNAUTHENTICATED_API": "true"}):
+        with pytest.raises(cli.CliError, match="FLOWER_BASIC_AUTH") as refused:
+            cli.flower_command(settings, environ)
+        assert refused.value.status == 2
+    argv, env = cli.flower_command(
+        settings.with_overrides(flower_basic_auth="operator:generated-pw", http_host="127.0.0.1"),
+        {cli.LOCAL_RUN_ENV: "1", "FLOWER_UNAUTHENTICATED_API": "true"},
+    )
+    assert env["FLOWER_BASIC_AUTH"] == "operator:generated-pw"
+    assert "FLOWER_UNAUTHENTICATED_API" not in env  # its API takes the password instead
+    assert "--address=127.0.0.1" in argv and not any("generated-pw" in arg for arg in argv)
+
+
+# 8b. the local run's operator credentials
+
+
+def test_the_local_run_generates_console_and_flower_credentials_only_when_unset() -> None:
+    env: dict[str, str] = {}
+    generated = cli.local_run_credentials(env)
+    assert set(generated) == {"CONSOLE_BASIC_AUTH", "FLOWER_BASIC_AUTH"}
+    for name, value in generated.items():
+        assert env[name] == value
+        user, _, password = value.partition(":")
+        assert user == "operator" and len(password) >= 20 and "," not in password  # Flower splits on commas
+    assert generated["CONSOLE_BASIC_AUTH"] != generated["FLOWER_BASIC_AUTH"]
+    assert cli.local_run_credentials({}) != generated  # new ones each run
+    # An operator's own are kept and not reported as generated.
+    env = {"CONSOLE_BASIC_AUTH": "me:mine", "FLOWER_BASIC_AUTH": ""}
+    generated = cli.local_run_credentials(env)
+    assert env["CONSOLE_BASIC_AUTH"] == "me:mine" and list(generated) == ["FLOWER_BASIC_AUTH"]
+
+
+class FakeHoncho:
+    """Stands in for honcho: records its environment and ends at once."""
+
+    started: list[dict[str, str]] = []
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        FakeHoncho.started.append(env)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+    def poll(self) -> int:
+        return 0
+
+
+def test_waybill_run_hands_the_credentials_to_the_processes_and_prints_them(
+    cli_env: Database, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    clean_env.setenv("HTTP_PORT", str(free_port()))
+    clean_env.setenv("FLOWER_PORT", str(free_port()))
+    clean_env.setattr(cli.subprocess, "Popen", FakeHoncho)
+    clean_env.setattr(cli.signal, "signal", lambda *a: None)  # keep pytest's own handlers
+    FakeHoncho.started.clear()
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("web: true\n")
+
+    assert cli.main(["run", "--procfile", str(procfile)]) == 0
+    out, _ = capsys.readouterr()
+    [env] = FakeHoncho.started
+    assert env[cli.LOCAL_RUN_ENV] == "1"
+    console, flower = env["CONSOLE_BASIC_AUTH"], env["FLOWER_BASIC_AUTH"]
+    assert console.startswith("operator:") and flower.startswith("operator:")
+    console_line = next(line for line in out.splitlines() if line.startswith("Console "))
+    flower_line = next(line for line in out.splitlines() if line.startswith("Flower "))
+    assert "/console/" in console_line and console in console_line
+    assert flower in flower_line
+    # Those the operator set are used as they are, and not printed.
+    FakeHoncho.started.clear()
+    clean_env.setenv("CONSOLE_BASIC_AUTH", "me:my-own-password")
+    clean_env.setenv("FLOWER_BASIC_AUTH", "me:my-flower-password")
+    assert cli.main(["run", "--procfile", str(procfile)]) == 0
+    out, _ = capsys.readouterr()
+    [env] = FakeHoncho.started
+    assert env["CONSOLE_BASIC_AUTH"] == "me:my-own-password"
+    assert "my-own-password" not in out and "my-flower-password" not in out
+    assert "as set in CONSOLE_BASIC_AUTH" in out and "as set in FLOWER_BASIC_AUTH" in out
 
 
 # 9. fault injection is gated
