@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-integration test-rabbitmq lint format bench chaos scale clean
+.PHONY: install run test test-unit test-integration test-rabbitmq lint format bench chaos scale browser clean
 
 $(STAMP): setup.cfg setup.py clients/python/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("Waybill needs Python 3.11 or newer") if sys.version_info < (3, 11) else None'
@@ -71,6 +71,12 @@ scale: install
 	SCALE_TASKS=$${SCALE_TASKS:-3000} SCALE_NODE_KILLS=$${SCALE_NODE_KILLS:-3} SCALE_SECONDS=$${SCALE_SECONDS:-600} \
 	SCALE_REPORT=$${SCALE_REPORT:-tests/scale/last-run.json} \
 	$(BIN)/pytest tests/scale -s -p no:cacheprovider $(PYTEST_ARGS)
+
+# The operator console in Debian's Chromium (apt-get install chromium), driven by
+# Playwright; part of `make test` too. This target also keeps the screenshots of
+# each page in docs/images, for docs/operations.rst.
+browser: install
+	CONSOLE_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/pytest tests/browser -p no:cacheprovider $(PYTEST_ARGS)
 
 # make bench: the whole suite (about 23 minutes); make bench BENCH_ARGS=--quick: a 2-minute smoke run.
 bench: install
