@@ -25,8 +25,10 @@ def _chromium() -> str | None:
     return path if Path(path).exists() else shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Any]:
+    """Chromium, for one test: Playwright's sync API runs an asyncio loop in this thread
+    while it is open, so it must close before any later test calls ``asyncio.run()``."""
     executable = _chromium()
     if executable is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run does it)")
