@@ -20,13 +20,13 @@ from sqlalchemy.orm import Session
 
 from app.models import DeliveryStatus, Task, WebhookDelivery, WebhookStatus
 from app.models.base import utcnow
+from app.services.representation import FINAL_EVENTS
 
 _D = cast(Table, WebhookDelivery.__table__)
 _TASKS = cast(Table, Task.__table__)
-FINAL_EVENTS = ("task.succeeded", "task.failed", "task.canceled")
 BATCH = 500
 # At most this many per call: a call answers in seconds, whatever the backlog;
-# what is left is still ``failed`` and the next call takes it (docs/webhooks.rst).
+# what is left is still ``failed`` and the next call takes it (docs/operations.rst).
 MAX_PER_CALL = 10_000
 
 

@@ -25,24 +25,21 @@ from app import ids
 from app.models import DeliveryStatus, Organization, Task, WebhookAttempt, WebhookDelivery, WebhookStatus
 from app.models.base import utcnow
 from app.services.errors import NothingToDeliver
-from app.services.representation import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS_ORDER, iso, represent
+from app.services.representation import FINAL_EVENTS, WEBHOOK_EVENTS, iso, represent, webhook_events
 
 PENDING, DELIVERED, FAILED = DeliveryStatus.PENDING, DeliveryStatus.DELIVERED, DeliveryStatus.FAILED
 RESPONSE_READ_LIMIT = 4096  # bytes of a receiver's answer we read; never stored
 
 
-# The events that end a task: the task's ``webhook`` summary follows their delivery.
-FINAL_EVENTS = frozenset({"task.succeeded", "task.failed", "task.canceled"})
-# What a submission may ask for in ``webhook.events``, in the order they are stored.
-EVENTS = WEBHOOK_EVENTS_ORDER
-DEFAULT_EVENTS = frozenset(DEFAULT_WEBHOOK_EVENTS.split(","))
+# What a submission may ask for in ``webhook.events``, in the order they are stored;
+# FINAL_EVENTS (imported with it) end a task, and the task's ``webhook`` summary
+# follows their delivery.
+EVENTS = WEBHOOK_EVENTS
 
 
 def wanted_events(stored: str | None) -> frozenset[str]:
     """The events a task's webhook receives, from its ``webhook_events`` column (None: the default)."""
-    if stored is None:
-        return DEFAULT_EVENTS
-    return frozenset(e for e in stored.split(",") if e)
+    return frozenset(webhook_events(stored))
 
 
 def stored_events(events: list[str] | None) -> str | None:

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from app.models import Task, TaskStatus
+from app.models.entities import FINAL_STATUSES
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -14,14 +15,17 @@ def iso(dt: datetime | None) -> str | None:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-# The events a webhook receives when webhook.events is not given (docs/api.md),
-# in the order of WEBHOOK_EVENTS_ORDER.
-WEBHOOK_EVENTS_ORDER = ("task.started", "task.progress", "task.succeeded", "task.failed", "task.canceled")
-DEFAULT_WEBHOOK_EVENTS = "task.succeeded,task.failed,task.canceled"
+# The events a webhook may receive (webhook.events), in the order a task goes
+# through them and the order its webhook_events column stores them in.
+WEBHOOK_EVENTS = ("task.started", "task.progress", "task.succeeded", "task.failed", "task.canceled")
+# The events that end a task; they are also what a webhook receives by default (docs/api.md).
+FINAL_EVENTS = frozenset(f"task.{s.value}" for s in FINAL_STATUSES)
+DEFAULT_WEBHOOK_EVENTS = tuple(e for e in WEBHOOK_EVENTS if e in FINAL_EVENTS)
 
 
-def _events(stored: str | None) -> list[str]:
-    return (stored or DEFAULT_WEBHOOK_EVENTS).split(",")
+def webhook_events(stored: str | None) -> tuple[str, ...]:
+    """The events a task's webhook receives, in order, from its ``webhook_events`` column (None: default)."""
+    return DEFAULT_WEBHOOK_EVENTS if stored is None else tuple(e for e in stored.split(",") if e)
 
 
 def represent(task: Task) -> dict[str, Any]:
@@ -39,7 +43,7 @@ def represent(task: Task) -> dict[str, Any]:
                 "url": task.webhook_url,
                 "status": task.webhook_status,
                 "attempts": task.webhook_attempts,
-                "events": _events(task.webhook_events),
+                "events": list(webhook_events(task.webhook_events)),
             }
             if task.webhook_url
             else None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.models import Task, TaskStatus
-from app.services.representation import represent
+from app.services.representation import FINAL_EVENTS, represent
 
 QUEUED_ID, STARTED_ID = 1, 2
 
@@ -38,9 +38,6 @@ class TaskEvent:
     @property
     def final(self) -> bool:
         return self.event in FINAL_EVENTS
-
-
-FINAL_EVENTS = frozenset(f"task.{s.value}" for s in TaskStatus if s.is_final)
 
 
 def events_of(task: Task) -> list[TaskEvent]:
