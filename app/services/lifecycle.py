@@ -348,16 +348,24 @@ def _event(session: Session, task_id: str, status: TaskStatus, *, now: datetime)
 
     None when the task's ``webhook.events`` left this final event out.
     """
-    row = session.connection().execute(st.EVENT_ROW, {"p_id": task_id}).one()
-    if f"task.{status.value}" not in deliveries.wanted_events(row.webhook_events):
+    task = event_task(session, task_id)
+    if f"task.{status.value}" not in deliveries.wanted_events(task.webhook_events):
         return None
-    task = st.detached(row)
-    # A stored value that cannot be decoded (a task accepted before the
-    # input limits) is sent as null rather than blocking the event.
-    task.input, task.result = _loads_or_none(row.input_json), _loads_or_none(row.result_json)
     delivery_id = deliveries.create_for_event(session, task, f"task.{status.value}", now=now)
     session.connection().execute(st.WEBHOOK_PENDING, {"p_id": task_id})
     return delivery_id
+
+
+def event_task(session: Session, task_id: str) -> Task:
+    """The task as its events show it, read in the caller's transaction (detached: read only).
+
+    A stored value that cannot be decoded (a task accepted before the input
+    limits) is shown as null rather than blocking the event.
+    """
+    row = session.connection().execute(st.EVENT_ROW, {"p_id": task_id}).one()
+    task = st.detached(row)
+    task.input, task.result = _loads_or_none(row.input_json), _loads_or_none(row.result_json)
+    return task
 
 
 def _loads_or_none(text: str | None) -> Any:

@@ -7,6 +7,7 @@ and handler. Built-in types and third-party ones are all found through the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,11 +47,30 @@ class TaskContext:
         fraction outside 0-1 or neither argument.
         """
         if self.reporter is None:
-            from app.usecases.progress import checked
-
             checked(fraction, message)  # the same errors, with or without a writer
             return
         self.reporter(fraction, message)
+
+
+# A progress report's message is cut to this many characters.
+MAX_MESSAGE_CHARS = 1000
+
+
+def checked(fraction: float | None, message: str | None) -> tuple[float | None, str | None]:
+    """A report as it is stored; ValueError for what a handler must not send (its own bug)."""
+    if fraction is None and message is None:
+        raise ValueError("progress needs a fraction, a message, or both")
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
+        fraction = float(fraction)
+        if not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be from 0 to 1, not {fraction!r}")
+    if message is not None:
+        if not isinstance(message, str):
+            raise ValueError(f"progress message must be a string, not {type(message).__name__}")
+        message = message.replace("\x00", "")[:MAX_MESSAGE_CHARS]  # PostgreSQL refuses U+0000
+    return fraction, message
 
 
 @dataclass(frozen=True)

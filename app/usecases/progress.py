@@ -23,7 +23,6 @@ progress report: the next one, or the final event, supersedes it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -39,14 +38,13 @@ from sqlalchemy.orm import Session
 from app.db import Database
 from app.models import TaskStatus
 from app.models.base import utcnow
-from app.services import deliveries
-from app.services import statements as st
+from app.services import deliveries, lifecycle
 from app.services.representation import iso
 from app.services.statements import TASKS, bind
+from app.services.task_types import checked
 
 log = logging.getLogger("waybill.runner")
 
-MAX_MESSAGE_CHARS = 1000
 # At most one write per task per interval (docs/api.md: "at most a few per second").
 DEFAULT_INTERVAL_SECONDS = 1.0
 
@@ -60,23 +58,6 @@ STORE_PROGRESS = (
     .values(progress=bind("p_progress", "progress"), progress_seq=TASKS.c.progress_seq + 1)
     .returning(TASKS.c.progress_seq, TASKS.c.webhook_url, TASKS.c.webhook_events)
 )
-
-
-def checked(fraction: float | None, message: str | None) -> tuple[float | None, str | None]:
-    """A report as it is stored; ValueError for what a handler must not send (its own bug)."""
-    if fraction is None and message is None:
-        raise ValueError("progress needs a fraction, a message, or both")
-    if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
-            raise ValueError(f"progress fraction must be a number from 0 to 1, not {fraction!r}")
-        fraction = float(fraction)
-        if not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"progress fraction must be from 0 to 1, not {fraction!r}")
-    if message is not None:
-        if not isinstance(message, str):
-            raise ValueError(f"progress message must be a string, not {type(message).__name__}")
-        message = message.replace("\x00", "")[:MAX_MESSAGE_CHARS]  # PostgreSQL refuses U+0000
-    return fraction, message
 
 
 @dataclass
@@ -183,7 +164,5 @@ class ProgressWriter:
 
 def _progress_delivery(session: Session, task_id: str, seq: int) -> str:
     """The ``task.progress`` webhook of the report just stored: one delivery per stored report."""
-    row = session.connection().execute(st.EVENT_ROW, {"p_id": task_id}).one()
-    task = st.detached(row)
-    task.input = json.loads(row.input_json) if row.input_json is not None else None
+    task = lifecycle.event_task(session, task_id)
     return deliveries.create_for_event(session, task, "task.progress", now=utcnow(), seq=seq)
