@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,10 +34,72 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _sqlite_begin(conn: Any) -> None:
-    # BEGIN IMMEDIATE takes the write lock up front, so two transactions that
-    # read then write cannot deadlock on a lock upgrade (SQLITE_BUSY at once).
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+class _SQLiteWriters:
+    """One write transaction at a time per engine in this process; the others queue here.
+
+    SQLite has one write lock per database file, and a writer that finds it
+    taken sleeps in SQLite's busy handler with growing pauses (1, 2, 5, 10 ...
+    up to 100 ms) before it looks again. With a web process's 16 threads all
+    writing, a Celery worker's claim found the lock taken nearly every time
+    it looked, slept, and lost it again to one of the threads: while clients
+    submitted, the workers finished about 20 tasks a second where they finish
+    230 alone (``docs/performance.rst``). Queued here instead, a process's
+    threads meet SQLite's lock one at a time, and the workers compete with a
+    few processes rather than with every thread of them.
+
+    The lock is taken before ``BEGIN IMMEDIATE`` and let go once the
+    transaction has ended: after the dialect's commit or rollback (not at
+    SQLAlchemy's commit event, which comes before the ``COMMIT``: the next
+    writer would find SQLite's lock still taken and sleep), after a failed
+    ``BEGIN``, and at the latest when the connection goes back to the pool.
+    If it cannot be had within SQLite's own busy timeout, the transaction
+    goes on without it, to SQLite's lock as before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: Any = None  # the DBAPI connection whose transaction holds the lock
+
+    def install(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        commit, rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_commit(dbapi_connection: Any) -> None:
+            try:
+                commit(dbapi_connection)
+            finally:
+                self.end(dbapi_connection)
+
+        def do_rollback(dbapi_connection: Any) -> None:
+            try:
+                rollback(dbapi_connection)
+            finally:
+                self.end(dbapi_connection)
+
+        # Per engine: create_engine gives each engine its own dialect object.
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+        dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+        event.listen(engine, "begin", self.begin)
+        event.listen(engine, "checkin", lambda dbapi_connection, _record: self.end(dbapi_connection))
+
+    def begin(self, conn: Any) -> None:
+        dbapi_connection = conn.connection.dbapi_connection
+        if self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            self._holder = dbapi_connection
+        try:
+            # BEGIN IMMEDIATE takes the write lock up front, so two transactions that
+            # read then write cannot deadlock on a lock upgrade (SQLITE_BUSY at once).
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            self.end(dbapi_connection)
+            raise
+
+    def end(self, dbapi_connection: Any) -> None:
+        # The pool hands its own proxy (a _ConnectionFairy) to do_rollback.
+        raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+        if raw is not None and self._holder is raw:
+            self._holder = None
+            self._lock.release()
 
 
 def _sqlite_begin_deferred(conn: Any) -> None:
@@ -69,7 +132,10 @@ def make_engine(
             **kwargs,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_deferred if read_only else _sqlite_begin)
+        if read_only:
+            event.listen(engine, "begin", _sqlite_begin_deferred)
+        else:
+            _SQLiteWriters().install(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         # Pinned, whatever the server's default_transaction_isolation: the
