@@ -105,6 +105,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # broker message on every submission's path, and Flower shows a
         # task from "received" on.
         "worker_send_task_events": settings.task_events,
+        # The events go out in batches, one broker message per 100 ms at most
+        # instead of one per turn of the worker's loop (app/worker_consumer.py).
+        "worker_consumer": "app.worker_consumer:BatchedEventsConsumer",
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
         "beat_schedule": {

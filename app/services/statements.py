@@ -158,3 +158,9 @@ WEBHOOK_PENDING = (
     .where(TASKS.c.id == bindparam("p_id"))
     .values(webhook_status=WebhookStatus.PENDING.value, webhook_attempts=0)
 )
+
+# Flower's labels of released tasks (app.container): one read per publish,
+# on the run path while TASK_EVENTS is on.
+TASK_LABELS = select(TASKS.c.id, TASKS.c.type, TASKS.c.organization_id).where(
+    TASKS.c.id.in_(bindparam("p_ids", expanding=True))
+)
