@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,30 +38,37 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 class _SQLiteWriters:
-    """One write transaction at a time per engine in this process; the others queue here.
+    """Write transactions on one SQLite file queue for it here, one at a time, not in SQLite.
 
     SQLite has one write lock per database file, and a writer that finds it
     taken sleeps in SQLite's busy handler with growing pauses (1, 2, 5, 10 ...
-    up to 100 ms) before it looks again. With a web process's 16 threads all
-    writing, a Celery worker's claim found the lock taken nearly every time
-    it looked, slept, and lost it again to one of the threads: while clients
-    submitted, the workers finished about 20 tasks a second where they finish
-    230 alone (``docs/performance.rst``). Queued here instead, a process's
-    threads meet SQLite's lock one at a time, and the workers compete with a
-    few processes rather than with every thread of them.
+    up to 100 ms) before it looks again, whether or not the lock was freed
+    meanwhile. With a web process's 16 threads all writing, a Celery worker's
+    claim found the lock taken nearly every time it looked, slept, and lost
+    it again: while 16 clients submitted, the workers finished about 20 tasks
+    a second where they finish 230 alone (``docs/performance.rst``).
 
-    The lock is taken before ``BEGIN IMMEDIATE`` and let go once the
-    transaction has ended: after the dialect's commit or rollback (not at
-    SQLAlchemy's commit event, which comes before the ``COMMIT``: the next
-    writer would find SQLite's lock still taken and sleep), after a failed
-    ``BEGIN``, and at the latest when the connection goes back to the pool.
-    If it cannot be had within SQLite's own busy timeout, the transaction
-    goes on without it, to SQLite's lock as before.
+    So a writer first takes this process's lock (its threads queue there and
+    are woken at once), then an exclusive ``flock`` on a file beside the
+    database (``<file>.writers``), which it polls at sub-millisecond to
+    millisecond intervals rather than SQLite's: SQLite's own lock is then
+    free when ``BEGIN IMMEDIATE`` asks for it, unless a writer outside
+    Waybill holds it. Both are let go once the transaction has ended: after
+    the dialect's commit or rollback (not at SQLAlchemy's commit event, which
+    comes before the ``COMMIT``), after a failed ``BEGIN``, and at the latest
+    when the connection goes back to the pool. What cannot be had within
+    SQLite's own busy timeout is skipped, and the transaction goes on to
+    SQLite's lock as before. A forked process (a Celery pool process) opens
+    its own file: a ``flock`` belongs to the open file, which a fork shares.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, database: str | None) -> None:
+        self._path = f"{database}.writers" if database and database != ":memory:" else None
+        self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._holder: Any = None  # the DBAPI connection whose transaction holds the lock
+        self._file: int | None = None
+        self._opened = False
+        self._holder: Any = None  # the DBAPI connection whose transaction holds both
 
     def install(self, engine: Engine) -> None:
         dialect = engine.dialect
@@ -82,10 +92,43 @@ class _SQLiteWriters:
         event.listen(engine, "begin", self.begin)
         event.listen(engine, "checkin", lambda dbapi_connection, _record: self.end(dbapi_connection))
 
+    def _this_process(self) -> None:
+        if self._pid != os.getpid():  # the first use in a forked child
+            self._pid = os.getpid()
+            self._lock = threading.Lock()  # a lock held at the fork would stay held in the child
+            self._holder = None
+            self._file, self._opened = None, False
+        if not self._opened:
+            self._opened = True
+            if self._path is not None:
+                with contextlib.suppress(OSError):  # no file, no cross-process queue: SQLite's alone
+                    self._file = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _lock_file(self, deadline: float) -> bool:
+        if self._file is None:
+            return True
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.001)
+            except OSError:
+                return False
+
     def begin(self, conn: Any) -> None:
+        self._this_process()
         dbapi_connection = conn.connection.dbapi_connection
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
         if self._lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
-            self._holder = dbapi_connection
+            if self._lock_file(deadline):
+                self._holder = dbapi_connection
+            else:
+                self._lock.release()
         try:
             # BEGIN IMMEDIATE takes the write lock up front, so two transactions that
             # read then write cannot deadlock on a lock upgrade (SQLITE_BUSY at once).
@@ -97,9 +140,13 @@ class _SQLiteWriters:
     def end(self, dbapi_connection: Any) -> None:
         # The pool hands its own proxy (a _ConnectionFairy) to do_rollback.
         raw = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
-        if raw is not None and self._holder is raw:
-            self._holder = None
-            self._lock.release()
+        if raw is None or self._holder is not raw:
+            return
+        self._holder = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._lock.release()
 
 
 def _sqlite_begin_deferred(conn: Any) -> None:
@@ -135,7 +182,7 @@ def make_engine(
         if read_only:
             event.listen(engine, "begin", _sqlite_begin_deferred)
         else:
-            _SQLiteWriters().install(engine)
+            _SQLiteWriters(database).install(engine)
         return engine
     if parsed.get_backend_name() == "postgresql":
         # Pinned, whatever the server's default_transaction_isolation: the

@@ -233,6 +233,12 @@ def drain(pending: Callable[[], int], timeout: float) -> dict[str, Any]:
     return {"seconds": round(time.monotonic() - started, 2), "left": left}
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle, since boot."""
+    t = psutil.cpu_times()
+    return float(sum(t)) - t.idle - getattr(t, "iowait", 0.0)
+
+
 def end_to_end(
     send: Send,
     finished: Callable[[int], bool],
@@ -242,7 +248,14 @@ def end_to_end(
     headers: dict[str, str] | None = None,
     timeout: float = 180.0,
 ) -> dict[str, Any]:
-    """``tasks`` submitted by ``clients`` clients: first submit -> ``finished(accepted)`` holds."""
+    """``tasks`` submitted by ``clients`` clients: first submit -> ``finished(accepted)`` holds.
+
+    Also the machine's CPU time over the run (every process: servers,
+    workers, Redis, the database, these clients), per task and as a share of
+    all cores: near 1.0, the run is bound by CPU, and the throughput of two
+    sides compares as the inverse of their CPU per task.
+    """
+    cpu_before = busy_cpu_seconds()
     load = drive(send, clients=clients, total=tasks, max_seconds=timeout, headers=headers)
     deadline = time.monotonic() + timeout
     done = finished(load.units)
@@ -250,7 +263,10 @@ def end_to_end(
         time.sleep(0.01)
         done = finished(load.units)
     seconds = time.perf_counter() - load.started
+    cpu = busy_cpu_seconds() - cpu_before
     return {
+        "cpu_ms_per_task": 1000 * cpu / load.units if load.units else NAN,
+        "cpu_busy": cpu / (seconds * (psutil.cpu_count() or 1)) if seconds > 0 else NAN,
         "tasks": load.units,
         "errors": load.errors,
         "first_error": load.first_error,
@@ -793,6 +809,18 @@ def rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             get(e2e, "waybill", "rate_per_s"),
             get(e2e, "raw_celery", "rate_per_s"),
             "end_to_end_raw",
+        ),
+        row(
+            "machine CPU ms per task, same",
+            "hand-written",
+            get(e2e, "waybill", "cpu_ms_per_task"),
+            get(e2e, "handwritten", "cpu_ms_per_task"),
+        ),
+        row(
+            "machine CPU busy share, same",
+            "hand-written",
+            get(e2e, "waybill", "cpu_busy"),
+            get(e2e, "handwritten", "cpu_busy"),
         ),
         row(
             "idle submit->webhook p50 ms",

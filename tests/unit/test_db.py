@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -106,4 +108,25 @@ def test_sqlite_writer_queue_lets_go_when_begin_fails(tmp_path: object) -> None:
     assert not lock.locked()
     other.execute("ROLLBACK")
     other.close()
+    database.dispose()
+
+
+def test_sqlite_writers_of_other_processes_queue_on_the_file_beside_the_database(tmp_path: object) -> None:
+    database = _sqlite_db(tmp_path)
+    with database.session() as s:
+        s.execute(text("CREATE TABLE t (v INTEGER)"))
+    # Another process's writer: its own open file, so its own flock.
+    other = os.open(f"{tmp_path}/writers.sqlite3.writers", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+    started = time.monotonic()
+    with database.session() as s:
+        s.execute(text("INSERT INTO t VALUES (1)"))
+        waited = time.monotonic() - started
+        # Held now by this writer: the other process would wait in turn.
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert waited >= 0.25
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go after the commit
+    os.close(other)
     database.dispose()
