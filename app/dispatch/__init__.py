@@ -171,10 +171,18 @@ class Dispatch:
             return 0
         return self._publish(released)
 
-    def renew(self, task_id: str, lease_seconds: float) -> None:
-        """Extend a run's dispatch lease; Redis briefly away is retried at the next beat."""
+    def renew(self, task_id: str, lease_seconds: float, notify: str | None = None) -> None:
+        """Extend a run's dispatch lease; Redis briefly away is retried at the next beat.
+
+        ``notify``: a status to publish on the task's channel in the same round
+        trip (the run's first renewal says ``running`` to its event streams).
+        """
         try:
-            self.state.renew(task_id, lease_seconds)
+            self.state.renew(
+                task_id,
+                lease_seconds,
+                notify=(keys.DONE_CHANNEL + task_id, notify) if notify is not None else None,
+            )
         except (redis.RedisError, RuntimeError) as exc:
             log.warning(
                 "dispatch lease renewal failed",

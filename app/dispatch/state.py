@@ -223,12 +223,22 @@ class Dispatcher:
         ]
         return step_keys, args
 
-    def renew(self, task_id: str, lease_seconds: float) -> bool:
-        """Extend a task's lease (and count it as started); False when it holds none."""
+    def renew(self, task_id: str, lease_seconds: float, *, notify: tuple[str, str] | None = None) -> bool:
+        """Extend a task's lease (and count it as started); False when it holds none.
+
+        ``notify`` (channel, message) is published in the same round trip.
+        """
         expiry = int((time.time() + lease_seconds) * 1000)
-        return bool(
-            self._renew(keys=[keys.LEASES, keys.LEASE_ORG, keys.READY], args=[task_id, expiry, keys.PREFIX])
-        )
+        renew_keys = [keys.LEASES, keys.LEASE_ORG, keys.READY]
+        args: list[str | int] = [task_id, expiry, keys.PREFIX]
+        if notify is None:
+            return bool(self._renew(keys=renew_keys, args=args))
+
+        def build(pipe: Any) -> None:
+            _evalsha(pipe, self._renew.sha, renew_keys, args)
+            pipe.execute_command("PUBLISH", *notify)  # a second one after NOSCRIPT is harmless
+
+        return bool(self.batch(build)[0])
 
     def give_back(self, task_id: str) -> None:
         """A released task whose run message could not be published: its lease ends now.

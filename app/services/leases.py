@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from app.db import Database
+from app.models import TaskStatus
 from app.models.base import utcnow
 from app.services import lifecycle
 
@@ -30,7 +31,7 @@ log = logging.getLogger("waybill.runner")
 class Renews(Protocol):
     """What renewing needs of dispatch (:class:`app.dispatch.Dispatch`)."""
 
-    def renew(self, task_id: str, lease_seconds: float) -> None: ...
+    def renew(self, task_id: str, lease_seconds: float, notify: str | None = None) -> None: ...
 
 
 @dataclass
@@ -99,9 +100,15 @@ class Leases:
                         with self._lock:  # canceled or taken over: nothing left to renew
                             self._runs.pop(run.task_id, None)
                         return
-            run.switched = True  # the claim set the SQL lease; only Redis's needs switching
+            first, run.switched = not run.switched, True  # the claim set the SQL lease; only Redis's switches
             if run.dispatch is not None:
-                run.dispatch.renew(run.task_id, run.lease)
+                # The first renewal also tells the task's event streams that it
+                # runs: no round trip of its own on the run's path, and none at
+                # all for a run that ends before this thread gets to it (the
+                # final status wakes the streams, which read "started" from the
+                # stored task). A Prefer: wait request woken by it reads the task
+                # and goes on waiting.
+                run.dispatch.renew(run.task_id, run.lease, TaskStatus.RUNNING.value if first else None)
         except Exception:  # a database blip: try again at the next beat
             log.warning("lease renewal failed", extra={"task_id": run.task_id})
 

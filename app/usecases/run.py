@@ -117,9 +117,9 @@ def execute(
             if dispatch is not None and claim.task is None:
                 _after_no_run(uow, dispatch, task_id, claim)
             elif dispatch is not None:
-                # task.started for the event streams listening on the task's channel,
-                # and its webhook when webhook.events asks for it.
-                uow.after_commit(dispatch.notify, task_id, TaskStatus.RUNNING.value)
+                # task.started's webhook when webhook.events asks for it. The event
+                # streams hear of the start from the lease thread's first renewal
+                # (app/services/leases.py), or from the final status.
                 uow.after_commit(dispatch.deliver, claim.delivery_id)
     except Exception as exc:
         if is_transient(exc):

@@ -254,3 +254,19 @@ def test_a_script_redis_does_not_know_yet_loses_no_released_task(r: fakeredis.Fa
     assert leased == ["a0", "a1", "a2", "a3"]
     members = cast(list[bytes], r.zrange(keys.LEASES, 0, -1))  # bytes: no decode_responses
     assert sorted(m.decode() for m in members) == ["a1", "a2", "a3"]
+
+
+def test_renew_can_announce_the_start_in_the_same_round_trip(r: fakeredis.FakeRedis) -> None:
+    d = make(r)
+    d.enqueue("acme", "a0", 1)
+    assert d.step() == ["a0"]
+    pubsub = r.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(keys.DONE_CHANNEL + "a0")
+    assert d.renew("a0", 60, notify=(keys.DONE_CHANNEL + "a0", "running"))
+    deadline, message = time.monotonic() + 2, None
+    while message is None and time.monotonic() < deadline:  # the first call may see the subscription
+        message = pubsub.get_message(timeout=0.1)
+    assert message is not None and message["data"] in (b"running", "running")
+    assert (r.zscore(keys.LEASES, "a0") or 0) > (time.time() + 50) * 1000
+    assert not d.renew("gone", 60, notify=(keys.DONE_CHANNEL + "gone", "running"))
+    pubsub.close()
