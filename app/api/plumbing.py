@@ -161,8 +161,9 @@ def organization_id() -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _auth_failed(minute, Unauthorized("Send your API key as `Authorization: Bearer <key>`."))
-    with read_session() as s:
-        org_id = organizations.authenticate(s, token.strip())
+    # A plain connection, not a session: this read is on every request.
+    with waybill().db.read_engine.connect() as conn:
+        org_id = organizations.authenticate(conn, token.strip())
     if org_id is None:
         raise _auth_failed(minute, Unauthorized("The API key is unknown or revoked."))
     g.organization_id = org_id
