@@ -64,6 +64,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 import redis
 import requests
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, bindparam, create_engine, text
 
 from app.db import Database
 from app.embedded_redis import free_port
 from bench import baseline_app, handwritten
-from bench.harness import DB_KINDS, database, platform, summary, write_results
-from bench.latency import webhook_sample
+from bench.harness import DB_KINDS, database, percentile, platform, summary, write_results
 from bench.report import Target, bar_chart, get, table
 from config import Settings
 from tests.support import ROOT, Process, Receiver, Stack, answer_no_content
@@ -502,14 +502,83 @@ def handwritten_sample(s: requests.Session, base: str, hook: Receiver, i: int) -
     return (arrived - t0) * 1000
 
 
+@dataclass
+class Phases:
+    """Where one idle Waybill task's time went: client clocks beside the task row's own."""
+
+    task_id: str
+    submitted: float  # time.time() when the client sent the submission
+    answered: float  # time.time() when its response arrived
+    received: float  # time.time() when the webhook arrived (converted from the receiver's clock)
+
+
+def waybill_phased_sample(
+    s: requests.Session, base: str, hook: Receiver, i: int, into: list[Phases]
+) -> float:
+    """``webhook_sample``, also keeping the times that ``phases`` splits the path at."""
+    wall, t0 = time.time(), time.perf_counter()
+    r = s.post(
+        base + "/v1/tasks",
+        json={"type": "echo", "input": {"n": i}, "webhook": {"url": hook.url + "/hook"}},
+        timeout=TIMEOUT,
+    )
+    answered = wall + time.perf_counter() - t0
+    if r.status_code != 202:
+        raise RuntimeError(f"Waybill submit: HTTP {r.status_code}: {r.text[:200]}")
+    task_id = r.json()["taskId"]
+    arrived = hook.wait_for_task(task_id, TIMEOUT)
+    if arrived is None:
+        raise TimeoutError("a webhook did not arrive within 30 s")
+    into.append(Phases(task_id, wall, answered, wall + arrived - t0))
+    return (arrived - t0) * 1000
+
+
+def phases(setup: Setup, samples: list[Phases]) -> dict[str, float]:
+    """p50 ms of each leg of the idle path: the response, then the task row's started and completed times.
+
+    One machine, one clock: the client's ``time.time()`` and the row's UTC
+    timestamps (stored to the microsecond) compare directly.
+    """
+    if not samples:
+        return {}
+    by_id = {p.task_id: p for p in samples}
+    if setup.waybill_db not in setup.engines:
+        setup.engines[setup.waybill_db] = create_engine(setup.waybill_db, pool_size=1)
+    query = text("SELECT id, started_at, completed_at FROM tasks WHERE id IN :ids").bindparams(
+        bindparam("ids", expanding=True)
+    )
+    legs: dict[str, list[float]] = {"response": [], "to_started": [], "to_recorded": [], "to_webhook": []}
+    with setup.engines[setup.waybill_db].connect() as conn:
+        for task_id, started, completed in conn.execute(query, {"ids": list(by_id)}):
+            p = by_id[task_id]
+            started_s, completed_s = _epoch(started), _epoch(completed)
+            legs["response"].append((p.answered - p.submitted) * 1000)
+            legs["to_started"].append((started_s - p.submitted) * 1000)
+            legs["to_recorded"].append((completed_s - started_s) * 1000)
+            legs["to_webhook"].append((p.received - completed_s) * 1000)
+    return {name: percentile(values, 50) for name, values in legs.items() if values}
+
+
+def _epoch(value: Any) -> float:
+    """A row's timestamp (a datetime, or SQLite's text) as seconds since the epoch, UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return float(value.timestamp())
+
+
 def measure_latency(setup: Setup, samples: int, warmup: int = 5) -> dict[str, Any]:
     times: dict[str, list[float]] = {"waybill": [], "handwritten": []}
+    legs: list[Phases] = []
     with Receiver(answer_no_content) as hook:
         wb = waybill_session(setup)
         hw = requests.Session()
         hw.headers["Authorization"] = f"Bearer {setup.handwritten_token}"
         samplers: dict[str, Callable[[int], float]] = {
-            "waybill": lambda i: webhook_sample(wb, setup.waybill_url, hook, i),
+            "waybill": lambda i: waybill_phased_sample(
+                wb, setup.waybill_url, hook, i, legs if i >= warmup else []
+            ),
             "handwritten": lambda i: handwritten_sample(hw, setup.handwritten_url, hook, i),
         }
         # Warm-up, not recorded: the workers have started and each pool process has run something.
@@ -523,6 +592,7 @@ def measure_latency(setup: Setup, samples: int, warmup: int = 5) -> dict[str, An
         hw.close()
     out: dict[str, Any] = {name: summary(v) for name, v in times.items()}
     out["p50_ratio"] = out["waybill"]["p50"] / out["handwritten"]["p50"]
+    out["waybill_phases_p50_ms"] = phases(setup, legs)
     return out
 
 
@@ -877,6 +947,13 @@ def print_results(results: list[dict[str, Any]]) -> None:
         for x in rows(r):
             if "unavailable" in x:
                 print(f"  batch not measured: {x['unavailable']}")
+        legs = r.get("latency", {}).get("waybill_phases_p50_ms") or {}
+        if legs:
+            print(
+                "  Waybill's idle path, p50 ms: response {response:.1f}; submit -> started {to_started:.1f}; "
+                "started -> result recorded {to_recorded:.1f}; recorded -> webhook received "
+                "{to_webhook:.1f}".format(**legs)
+            )
         if r.get("batch", {}).get("available"):
             print(f"  batch endpoint measured at commit: {r['batch']['commit']}")
         for key in ("submission", "end_to_end"):
