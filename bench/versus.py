@@ -301,12 +301,15 @@ class Setup:
     bare_url: str = ""
     engines: dict[str, Engine] = field(default_factory=dict)
 
-    def count(self, url: str, sql: str) -> int:
+    def engine(self, url: str) -> Engine:
         # One small engine per database for the benchmark's own reads; on
         # SQLite plain connections (no BEGIN IMMEDIATE): polling never locks.
         if url not in self.engines:
             self.engines[url] = create_engine(url, pool_size=1)
-        with self.engines[url].connect() as conn:
+        return self.engines[url]
+
+    def count(self, url: str, sql: str) -> int:
+        with self.engine(url).connect() as conn:
             return int(conn.execute(text(sql)).scalar() or 0)
 
     def dispose(self) -> None:
@@ -542,13 +545,11 @@ def phases(setup: Setup, samples: list[Phases]) -> dict[str, float]:
     if not samples:
         return {}
     by_id = {p.task_id: p for p in samples}
-    if setup.waybill_db not in setup.engines:
-        setup.engines[setup.waybill_db] = create_engine(setup.waybill_db, pool_size=1)
     query = text("SELECT id, started_at, completed_at FROM tasks WHERE id IN :ids").bindparams(
         bindparam("ids", expanding=True)
     )
     legs: dict[str, list[float]] = {"response": [], "to_started": [], "to_recorded": [], "to_webhook": []}
-    with setup.engines[setup.waybill_db].connect() as conn:
+    with setup.engine(setup.waybill_db).connect() as conn:
         for task_id, started, completed in conn.execute(query, {"ids": list(by_id)}):
             p = by_id[task_id]
             started_s, completed_s = _epoch(started), _epoch(completed)
