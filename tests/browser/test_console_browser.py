@@ -61,6 +61,7 @@ def test_an_operator_finds_a_task_redelivers_changes_a_limit_and_revokes_a_key(
         page.click("#nav-tasks")
         page.fill("#search-task-id", task_id)
         page.click("#task-search-submit")
+        page.wait_for_selector("[data-test=task-row]")  # the results page, not the form's
         rows = page.query_selector_all("[data-test=task-row]")
         assert [r.get_attribute("data-task-id") for r in rows] == [task_id]
         page.screenshot(path=str(screenshots / "console-tasks.png"), full_page=True)
@@ -72,7 +73,7 @@ def test_an_operator_finds_a_task_redelivers_changes_a_limit_and_revokes_a_key(
         # The receiver is back: redeliver from the task's page.
         receiver.respond = lambda _n: (200, {}, b"ok", 0.0)
         page.click("#redeliver-submit")
-        assert page.query_selector("[data-test=notice]") is not None
+        page.wait_for_selector("[data-test=notice]")  # raises unless the next page shows it
         wait_for(lambda: api.get(task_id)["webhook"]["status"] == "delivered", 30, "the redelivery")
         page.reload()
         assert page.inner_text("[data-test=delivery-status]") == "delivered"
@@ -87,7 +88,7 @@ def test_an_operator_finds_a_task_redelivers_changes_a_limit_and_revokes_a_key(
         # A bad value is refused and changes nothing.
         page.fill("#queue-limit", "-1")
         page.click("#limits-submit")
-        assert page.query_selector("[data-test=form-errors]") is not None
+        page.wait_for_selector("[data-test=form-errors]")  # raises unless the next page shows it
         assert api.http.get(stack.base_url + "/v1/organization", timeout=10).json()["queueLimit"] == 7
 
         # Create a key, see it once, revoke it: the API refuses it from then on.
@@ -107,7 +108,7 @@ def test_an_operator_finds_a_task_redelivers_changes_a_limit_and_revokes_a_key(
         assert set(actors) == {user} and len(actions) >= 3, (actors, actions)
 
         page.click("#nav-deliveries")
-        assert page.query_selector("#bulk-redeliver-form") is not None
+        page.wait_for_selector("#bulk-redeliver-form")  # raises unless the next page shows it
         page.screenshot(path=str(screenshots / "console-deliveries.png"), full_page=True)
     finally:
         context.close()
